@@ -1,0 +1,64 @@
+"""blip2_fast: a performance-first BLIP-2 engine.
+
+`kernels/` is installed as the sub-package `blip2_fast.kernels` (never a top-level `kernels`:
+that name belongs to a PyPI package transformers imports). The optional native library in
+`kernels/csrc` is built with CMake when a compiler is present; without one the install still
+succeeds and the torch path serves.
+"""
+import os
+import subprocess
+import sys
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithNative(build_py):
+    """Build the optional native library with CMake; never fail the install because of it."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("BLIP2_FAST_NO_NATIVE"):
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not os.path.exists(os.path.join(here, "CMakeLists.txt")):
+            return
+        out_dir = os.path.join(os.path.abspath(self.build_lib), "blip2_fast", "kernels")
+        build_dir = os.path.join(here, "build", "native")
+        try:
+            subprocess.check_call(["cmake", "-S", here, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                                   f"-DBLIP2_FAST_OUTPUT_DIR={out_dir}", f"-DPython3_EXECUTABLE={sys.executable}"])
+            subprocess.check_call(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 1)])
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"blip2_fast: native library not built ({err}); the torch path will serve", file=sys.stderr)
+
+
+setup(
+    name="blip2_fast",
+    version="0.1.0",
+    description="A fast BLIP-2 engine: Triton kernels, compact inference and training cores",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["blip2_fast", "blip2_fast.models", "blip2_fast.kernels"],
+    package_dir={"blip2_fast.kernels": "kernels"},
+    package_data={"blip2_fast.kernels": ["csrc/*"]},
+    install_requires=[
+        "torch>=2.3,<3",
+        "triton>=3.0; platform_system=='Linux'",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+        "huggingface_hub>=0.23",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "bench": ["pytest-benchmark>=4", "nvidia-ml-py>=12"],
+        "gpu": ["flash-attn>=2.5", "xformers>=0.0.26"],
+        "int8": ["bitsandbytes>=0.43"],
+    },
+    entry_points={"console_scripts": ["blip2-fast=blip2_fast.cli:main"]},
+    cmdclass={"build_py": BuildWithNative},
+)
