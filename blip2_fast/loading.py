@@ -1,0 +1,259 @@
+"""Loading and saving transformers-format BLIP-2 folders.
+
+Load: resolve a folder (or a hub id through huggingface_hub), read `config.json`, build the
+model on the meta device (no memory), then read the weights tensor by tensor — single or
+sharded safetensors (with `model.safetensors.index.json`), or `pytorch_model.bin` (sharded too,
+read with mmap) — converting each to its target dtype/device as it arrives and assigning it
+(`load_state_dict(assign=True)`), so at no point do two copies of the weights exist. Every key
+is checked before anything is assigned: missing, unexpected and wrongly shaped keys, unreadable
+or truncated files each raise `CheckpointError` naming the key or file. The model is returned
+only when complete: a failed load leaves nothing half-built behind.
+
+Save: `config.json` and safetensors (sharded above `max_shard_size`) written to a temporary
+folder beside the target, then moved into place file by file with `os.replace`, so an
+interrupted save never leaves a truncated file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from .config import Blip2Config, ConfigError
+
+log = logging.getLogger("blip2_fast")
+
+SAFE_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the key or file."""
+
+
+# ---------------------------------------------------------------------------- resolving
+def resolve_folder(path_or_hub_id: str, revision: str | None = None, token: str | None = None) -> str:
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id} is a file; from_pretrained expects a model folder or hub id")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id!r} is neither an existing folder nor a valid hub id")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_hub_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS)
+    except Exception as err:  # network, auth, missing repo: one clear message with the cause
+        raise CheckpointError(f"{path_or_hub_id!r} is not a local folder and could not be fetched from the "
+                              f"Hugging Face hub ({type(err).__name__}: {err})") from err
+
+
+# ---------------------------------------------------------------------------- reading
+def _weight_files(folder: str) -> list[str]:
+    for index in (SAFE_INDEX, BIN_INDEX):
+        path = os.path.join(folder, index)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{path}: not a valid shard index ({err})") from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.exists(os.path.join(folder, name)):
+                    raise CheckpointError(f"{path} names shard {name}, which is missing from {folder}")
+            return [os.path.join(folder, n) for n in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(folder, name)):
+            return [os.path.join(folder, name)]
+    raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index found")
+
+
+def iter_checkpoint(files: list[str]):
+    """Yield (key, tensor) one at a time from safetensors or torch pickle files."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                handle = safe_open(path, framework="pt")
+                keys = list(handle.keys())
+            except Exception as err:
+                raise CheckpointError(f"{path}: cannot read safetensors header ({err}); "
+                                      f"the file may be truncated or corrupt") from None
+            for key in keys:
+                try:
+                    yield key, handle.get_tensor(key)
+                except Exception as err:
+                    raise CheckpointError(f"{path}: cannot read tensor {key!r} ({err}); "
+                                          f"the file may be truncated") from None
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:
+                raise CheckpointError(f"{path}: cannot read ({err}); the file may be truncated or corrupt") from None
+            yield from state.items()
+
+
+def _fold_vision_biases(pending: dict, out: dict) -> None:
+    """Older checkpoints store `self_attn.q_bias` and `self_attn.v_bias`; we hold one fused
+    `qkv.bias` = [q_bias, 0, v_bias] (what transformers 5 holds too)."""
+    for key in [k for k in pending if k.endswith("self_attn.q_bias")]:
+        prefix = key[: -len("q_bias")]
+        q = pending.pop(key)
+        v = pending.pop(prefix + "v_bias", None)
+        if v is None:
+            raise CheckpointError(f"checkpoint has {key} but no {prefix}v_bias")
+        out[prefix + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    for key in [k for k in pending if k.endswith("self_attn.v_bias")]:
+        raise CheckpointError(f"checkpoint has {key} but no matching q_bias")
+
+
+def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = None, device=None,
+                    load_in_8bit: bool = False, quantization_config=None, revision: str | None = None,
+                    token: str | None = None, qformer_dtype: torch.dtype | None = torch.float32):
+    """Build `cls` from a transformers BLIP-2 folder or hub id.
+
+    dtype: weights' dtype (default float32; "auto" keeps the checkpoint's). The Q-Former and
+    the query tokens stay in `qformer_dtype` (float32 by default, as transformers keeps them).
+    load_in_8bit / quantization_config: int8 weight-only LLM linears (see `quantize_`).
+    """
+    folder = resolve_folder(path_or_hub_id, revision, token)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{folder}: no config.json")
+    config = Blip2Config.from_json_file(config_path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    tied = _tied_keys(model)
+
+    quant = None
+    if load_in_8bit or quantization_config is not None:
+        from .quantization import Int8WeightOnlyConfig, prepare_for_loading
+        quant = quantization_config or Int8WeightOnlyConfig()
+        model, expected = prepare_for_loading(model, quant, expected)
+
+    files = _weight_files(folder)
+    loaded, pending = {}, {}
+    for key, tensor in iter_checkpoint(files):
+        if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
+            pending[key] = tensor
+            continue
+        loaded[key] = _convert(key, tensor, expected, dtype, device, qformer_dtype, quant)
+    folded = {}
+    _fold_vision_biases(pending, folded)
+    for key, tensor in folded.items():
+        loaded[key] = _convert(key, tensor, expected, dtype, device, qformer_dtype, quant)
+
+    unexpected = sorted(k for k in loaded if k not in expected)
+    missing = sorted(k for k in expected if k not in loaded and k not in tied)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
+                         f"({len(unexpected)})")
+        raise CheckpointError(f"{folder}: checkpoint does not match the config: " + "; ".join(parts))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{folder}: no weights for {', '.join(leftover[:8])}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    lm = getattr(model, "language_model", None)
+    if lm is not None and getattr(lm.config, "tie_word_embeddings", False):
+        return {"language_model.lm_head.weight"}
+    return set()
+
+
+def _convert(key, tensor, expected, dtype, device, qformer_dtype, quant):
+    target = expected.get(key)
+    if target is None:
+        return tensor  # reported as unexpected once every key is known
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"key {key}: checkpoint shape {tuple(tensor.shape)} does not match the "
+                              f"model's {tuple(target.shape)}")
+    if quant is not None and not target.is_floating_point():
+        return tensor.to(device)  # already-quantised int8 weights
+    if not tensor.is_floating_point():
+        return tensor.to(device)
+    want = dtype if isinstance(dtype, torch.dtype) else (tensor.dtype if dtype == "auto" else torch.float32)
+    if qformer_dtype is not None and (key.startswith(("qformer.", "query_tokens")) or key == "query_tokens"):
+        want = qformer_dtype
+    return tensor.to(device=device, dtype=want)
+
+
+# ---------------------------------------------------------------------------- saving
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB'")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[m.group(2)])
+
+
+def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None:
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    tied = _tied_keys(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    if any(t.is_meta for t in state.values()):
+        raise ValueError("cannot save a model that still has meta tensors")
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    try:
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            # safetensors refuses tensors that share storage (tied weights): clone those
+            save_file({k: v.clone() if v.storage_offset() or not v.is_contiguous() else v for k, v in shard.items()},
+                      os.path.join(tmp, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            with open(os.path.join(tmp, SAFE_INDEX), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        cfg = model.config.to_hf_dict()
+        cfg.setdefault("architectures", [type(model).__name__])
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        # a stale single file or index beside new shards would confuse loaders: remove first
+        for stale in ("model.safetensors", SAFE_INDEX):
+            if stale not in os.listdir(tmp) and os.path.exists(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "resolve_folder"]

@@ -1,0 +1,191 @@
+"""`Blip2ForConditionalGeneration`: frozen ViT -> Q-Former -> language_projection -> frozen LLM.
+
+A drop-in for transformers' class of the same name: same checkpoint keys, same inputs (what
+`Blip2Processor` produces, with `num_query_tokens` image placeholder tokens in `input_ids`),
+same outputs. A prompt without placeholders is also accepted: the soft visual prompt is then
+prepended (BLIP-2's original layout), and the attention mask is extended to cover it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Blip2Config
+from .opt import OPTLM, OPTDecoderState
+from .qformer import QFormerModel
+from .vision import VisionModel
+
+
+@dataclass
+class Blip2Output:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    language_model_inputs: torch.Tensor | None = None  # (B, Q, E_text)
+
+    def __getitem__(self, i):  # tuple-style access like transformers' ModelOutput
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[i]
+
+
+@dataclass
+class ImageFeatures:
+    last_hidden_state: torch.Tensor  # vision tokens (B, S, E_vision)
+    qformer_last_hidden_state: torch.Tensor  # (B, Q, E_qformer)
+    pooler_output: torch.Tensor  # projected queries = soft visual prompt (B, Q, E_text)
+
+
+def build_language_model(config: Blip2Config) -> nn.Module:
+    if config.text is None:
+        raise ValueError("this config has no text_config: it describes a model without an LLM "
+                         "(use Blip2ForImageTextRetrieval)")
+    if config.text.model_type == "opt":
+        return OPTLM(config.text)
+    from .t5 import T5LM  # encoder-decoder LLMs: imported only when used
+    return T5LM(config.text)
+
+
+class Blip2ForConditionalGeneration(nn.Module):
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionModel(config.vision)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer.hidden_size))
+        self.qformer = QFormerModel(config.qformer)
+        self.language_projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size
+                                             if config.text is not None else 1)
+        self.language_model = build_language_model(config)
+
+    # ------------------------------------------------------------------ features
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def _vision(self, pixel_values, interpolate_pos_encoding=False):
+        self.vision_model.check_pixels(pixel_values, interpolate_pos_encoding)
+        return self.vision_model(pixel_values.to(self.device), interpolate_pos_encoding)
+
+    def _queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(q, q.shape[1], "bidirectional", image_embeds=image_embeds)  # (B, Q, Eq)
+
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The Q-Former's last hidden states for the queries, (B, Q, E_qformer)."""
+        return self._queries(self._vision(pixel_values, interpolate_pos_encoding))
+
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False) -> ImageFeatures:
+        image_embeds = self._vision(pixel_values, interpolate_pos_encoding)
+        query_out = self._queries(image_embeds)
+        prompt = self.language_projection(query_out.to(self.language_projection.weight.dtype))
+        return ImageFeatures(image_embeds, query_out, prompt)
+
+    def get_text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """The LLM's last hidden states for text alone (decoder for OPT, encoder for T5)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        if self.config.is_encoder_decoder:
+            return self.language_model.encode(embeds, attention_mask)
+        return self.language_model.hidden_states(embeds, attention_mask)
+
+    # ------------------------------------------------------------------ prompts
+    def merge_prompt(self, prompt: torch.Tensor, input_ids: torch.Tensor | None, attention_mask):
+        """Put the soft visual prompt (B, Q, E) into the text embeddings.
+
+        With image placeholders in `input_ids` they are replaced (transformers' layout); without,
+        the prompt is prepended and the mask extended. Returns (inputs_embeds, attention_mask)."""
+        B, Q, _ = prompt.shape
+        if input_ids is None:
+            input_ids = torch.empty(B, 0, dtype=torch.long, device=prompt.device)
+        if input_ids.dim() != 2 or input_ids.shape[0] != B:
+            raise ValueError(f"input_ids must be (batch={B}, length), got {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(prompt.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(prompt.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        embeds = self.get_input_embeddings()(input_ids)
+        prompt = prompt.to(embeds.dtype)
+        tok = self.config.image_token_index
+        counts = (input_ids == tok).sum(1) if tok is not None else torch.zeros(B, dtype=torch.long)
+        counts = counts.tolist()  # one host read per call, not per token
+        if all(c == 0 for c in counts):
+            ones = torch.ones(B, Q, dtype=attention_mask.dtype, device=attention_mask.device)
+            return torch.cat([prompt, embeds], 1), torch.cat([ones, attention_mask], 1)
+        bad = [(i, c) for i, c in enumerate(counts) if c != Q]
+        if bad:
+            i, c = bad[0]
+            raise ValueError(f"input_ids row {i} has {c} image tokens (id {tok}); expected {Q} "
+                             f"(num_query_tokens) in every row, or none at all")
+        mask = (input_ids == tok)[..., None]
+        return embeds.masked_scatter(mask, prompt), attention_mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, decoder_input_ids=None,
+                decoder_attention_mask=None, interpolate_pos_encoding: bool = False) -> Blip2Output:
+        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        embeds, mask = self.merge_prompt(prompt, input_ids, attention_mask)
+        lm = self.language_model
+        if self.config.is_encoder_decoder:
+            loss, logits = lm(embeds, mask, decoder_input_ids=decoder_input_ids, labels=labels,
+                              decoder_attention_mask=decoder_attention_mask)
+            return Blip2Output(loss, logits, prompt)
+        logits = lm(embeds, mask)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            shifted = logits[:, -labels.shape[1]:][:, :-1]  # position t predicts label t + 1
+            loss = F.cross_entropy(shifted.float().reshape(-1, shifted.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return Blip2Output(loss, logits, prompt)
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
+                 generator: torch.Generator | None = None, **generate_kwargs) -> torch.LongTensor:
+        """Token ids as transformers returns them: for decoder-only LLMs the prompt ids followed by
+        the new tokens, for encoder-decoder LLMs the decoder start token then the new tokens."""
+        from ..generation import GenerationConfig, generate_tokens
+
+        text_cfg = self.config.text
+        generate_kwargs.setdefault("eos_token_id", text_cfg.eos_token_id)
+        generate_kwargs.setdefault("pad_token_id", text_cfg.pad_token_id)
+        gen = GenerationConfig.from_kwargs(**generate_kwargs)
+        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        B, Q, _ = prompt.shape
+        if input_ids is None and not self.config.is_encoder_decoder:
+            start = [text_cfg.bos_token_id]
+            if self.config.image_token_index is not None:
+                start = [self.config.image_token_index] * Q + start
+            input_ids = torch.tensor([start] * B, dtype=torch.long, device=prompt.device)
+        embeds, mask = self.merge_prompt(prompt, input_ids, attention_mask)
+        if self.config.is_encoder_decoder:
+            state = self.language_model.decoder_state(embeds, mask, gen.max_new_tokens + 1)
+            new = generate_tokens(state, state.first_logits, gen, generator=generator)
+            start = torch.full((new.shape[0], 1), text_cfg.decoder_start_token_id, dtype=torch.long, device=new.device)
+            return torch.cat([start, new], 1)
+        state = OPTDecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
+        new = generate_tokens(state, state.first_logits, gen, generator=generator)
+        reps = new.shape[0] // B
+        return torch.cat([input_ids.to(new.device).repeat_interleave(reps, 0), new], 1)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, **kwargs) -> "Blip2ForConditionalGeneration":
+        """Load a transformers BLIP-2 folder or hub id. See `blip2_fast.loading.load_pretrained`."""
+        from ..loading import load_pretrained
+        return load_pretrained(cls, path_or_hub_id, **kwargs)
+
+    def save_pretrained(self, folder: str, **kwargs) -> None:
+        from ..loading import save_pretrained
+        save_pretrained(self, folder, **kwargs)
+
+    def tie_weights(self) -> None:
+        tie = getattr(self.language_model, "tie_weights", None)
+        if tie is not None:
+            tie()
