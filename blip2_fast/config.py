@@ -52,7 +52,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     model_type: str = "blip_2_vision_model"
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_positions(self) -> int:
@@ -77,7 +77,7 @@ class QFormerConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     model_type: str = "blip_2_qformer"
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class OPTConfig:
     bos_token_id: int = 2
     eos_token_id: int = 2
     model_type: str = "opt"
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
@@ -123,15 +123,22 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
     tie_word_embeddings: bool = False
+    # Original T5 scales the decoder output by d_model**-0.5 before the LM head, T5 v1.1 and
+    # FlanT5 do not. Older configs signal it with tie_word_embeddings; transformers 5 stores it
+    # as scale_decoder_outputs (and always ties lm_head to the shared embedding when a
+    # checkpoint has no lm_head of its own).
+    scale_decoder_outputs: bool | None = None
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     model_type: str = "t5"
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
 
     is_encoder_decoder = True
 
@@ -151,7 +158,7 @@ class Blip2Config:
     num_query_tokens: int = 32
     image_text_hidden_size: int = 256
     image_token_index: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         # transformers ties these together the same way (Blip2Config.__post_init__)
@@ -191,6 +198,9 @@ class Blip2Config:
         d["qformer_config"] = _dump(self.qformer)
         if self.text is not None:
             d["text_config"] = _dump(self.text)
+            if self.text.model_type == "t5":  # the flag every transformers version reads
+                d["text_config"]["tie_word_embeddings"] = self.text.scale_decoder_outputs
+                d["text_config"].pop("scale_decoder_outputs")
         d["num_query_tokens"] = self.num_query_tokens
         d["image_text_hidden_size"] = self.image_text_hidden_size
         d["image_token_index"] = self.image_token_index

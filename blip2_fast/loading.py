@@ -166,7 +166,8 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
                          f"({len(unexpected)})")
         raise CheckpointError(f"{folder}: checkpoint does not match the config: " + "; ".join(parts))
     model.load_state_dict(loaded, strict=False, assign=True)
-    model.tie_weights()
+    if LM_HEAD in tied and (LM_HEAD not in loaded or model.config.text.model_type == "opt"):
+        model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{folder}: no weights for {', '.join(leftover[:8])}")
@@ -176,11 +177,24 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
     return model
 
 
+LM_HEAD = "language_model.lm_head.weight"
+
+
 def _tied_keys(model: nn.Module) -> set[str]:
+    """Keys a checkpoint may omit because they are tied to the input embedding: OPT's lm_head
+    when tie_word_embeddings, and T5's lm_head when the checkpoint has none (transformers 5
+    writes T5 models that way)."""
     lm = getattr(model, "language_model", None)
-    if lm is not None and getattr(lm.config, "tie_word_embeddings", False):
-        return {"language_model.lm_head.weight"}
+    if lm is not None and (lm.config.model_type == "t5" or getattr(lm.config, "tie_word_embeddings", False)):
+        return {LM_HEAD}
     return set()
+
+
+def _shares_embedding(model: nn.Module) -> bool:
+    lm = getattr(model, "language_model", None)
+    if lm is None or not hasattr(lm, "lm_head"):
+        return False
+    return lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
 
 
 def _convert(key, tensor, expected, dtype, device, qformer_dtype, quant):
@@ -214,8 +228,8 @@ def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None
     from safetensors.torch import save_file
 
     limit = _parse_size(max_shard_size)
-    tied = _tied_keys(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    skip = {LM_HEAD} if _shares_embedding(model) else set()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in skip}
     if any(t.is_meta for t in state.values()):
         raise ValueError("cannot save a model that still has meta tensors")
     shards, current, size = [], {}, 0
