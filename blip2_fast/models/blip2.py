@@ -165,7 +165,8 @@ class Blip2ForConditionalGeneration(nn.Module):
             input_ids = torch.tensor([start] * B, dtype=torch.long, device=prompt.device)
         embeds, mask = self.merge_prompt(prompt, input_ids, attention_mask)
         if self.config.is_encoder_decoder:
-            state = self.language_model.decoder_state(embeds, mask, gen.max_new_tokens + 1)
+            from .t5_generation import T5DecoderState
+            state = T5DecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
             new = generate_tokens(state, state.first_logits, gen, generator=generator)
             start = torch.full((new.shape[0], 1), text_cfg.decoder_start_token_id, dtype=torch.long, device=new.device)
             return torch.cat([start, new], 1)
