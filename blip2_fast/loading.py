@@ -136,6 +136,7 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
         model = cls(config)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     tied = _tied_keys(model)
+    aliases = _alias_groups(expected)
 
     quant = None
     if load_in_8bit or quantization_config is not None:
@@ -156,7 +157,8 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
         loaded[key] = _convert(key, tensor, expected, dtype, device, qformer_dtype, quant)
 
     unexpected = sorted(k for k in loaded if k not in expected)
-    missing = sorted(k for k in expected if k not in loaded and k not in tied)
+    missing = sorted(k for k in expected if k not in loaded and k not in tied
+                     and not any(a in loaded for a in aliases.get(k, ())))
     if unexpected or missing:
         parts = []
         if missing:
@@ -190,11 +192,26 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return set()
 
 
-def _shares_embedding(model: nn.Module) -> bool:
-    lm = getattr(model, "language_model", None)
-    if lm is None or not hasattr(lm, "lm_head"):
-        return False
-    return lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+def _alias_groups(state: dict) -> dict[str, tuple[str, ...]]:
+    """key -> the other keys naming the same tensor (a module registered twice, as T5's
+    encoder.embed_tokens is `shared`): loading one of them loads all."""
+    by_id: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        by_id.setdefault(id(tensor), []).append(key)
+    return {k: tuple(o for o in keys if o != k) for keys in by_id.values() if len(keys) > 1 for k in keys}
+
+
+def _unique_tensors(state: dict) -> dict:
+    """Drop keys whose tensor another key already holds (tied or aliased weights), keeping the
+    first name, as transformers writes checkpoints."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tensor.shape, tensor.stride()) if not tensor.is_meta else id(tensor)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = tensor
+    return out
 
 
 def _convert(key, tensor, expected, dtype, device, qformer_dtype, quant):
@@ -228,8 +245,7 @@ def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None
     from safetensors.torch import save_file
 
     limit = _parse_size(max_shard_size)
-    skip = {LM_HEAD} if _shares_embedding(model) else set()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in skip}
+    state = {k: v.detach().contiguous() for k, v in _unique_tensors(model.state_dict()).items()}
     if any(t.is_meta for t in state.values()):
         raise ValueError("cannot save a model that still has meta tensors")
     shards, current, size = [], {}, 0
