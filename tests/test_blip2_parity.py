@@ -81,7 +81,8 @@ def test_prompt_without_placeholders_prepends_queries(pair):
     dict(num_beams=5, length_penalty=-1.0),
     dict(num_beams=5, length_penalty=2.0, early_stopping=True),
     dict(num_beams=3, min_new_tokens=4),
-], ids=["greedy", "beam5-lp-1", "beam5-lp2-early", "beam3-min4"])
+    dict(num_beams=2, repetition_penalty=1.5),
+], ids=["greedy", "beam5-lp-1", "beam5-lp2-early", "beam3-min4", "beam2-repetition"])
 def test_generate_matches_transformers(pair, kw):
     hf, ours, cfg = pair
     pixels = random_pixels(3, seed=4)
@@ -90,6 +91,16 @@ def test_generate_matches_transformers(pair, kw):
         ref = hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=8,
                           do_sample=False, **kw)
         out = ours.generate(pixels, ids, mask, max_new_tokens=8, **kw)
+    assert out.tolist() == ref.tolist()
+
+
+def test_max_length_counts_the_prompt_like_transformers(pair):
+    hf, ours, cfg = pair
+    pixels = random_pixels(2, seed=9)
+    ids, mask = _prompt_batch(cfg, [3, 2], seed=10)
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_length=ids.shape[1] + 4)
+        out = ours.generate(pixels, ids, mask, max_length=ids.shape[1] + 4)
     assert out.tolist() == ref.tolist()
 
 

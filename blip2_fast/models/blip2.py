@@ -155,7 +155,6 @@ class Blip2ForConditionalGeneration(nn.Module):
         text_cfg = self.config.text
         generate_kwargs.setdefault("eos_token_id", text_cfg.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", text_cfg.pad_token_id)
-        gen = GenerationConfig.from_kwargs(**generate_kwargs)
         prompt = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
         B, Q, _ = prompt.shape
         if input_ids is None and not self.config.is_encoder_decoder:
@@ -165,15 +164,22 @@ class Blip2ForConditionalGeneration(nn.Module):
             input_ids = torch.tensor([start] * B, dtype=torch.long, device=prompt.device)
         embeds, mask = self.merge_prompt(prompt, input_ids, attention_mask)
         if self.config.is_encoder_decoder:
+            # like transformers: lengths and penalties count decoder tokens, from the start token
+            start = torch.full((B, 1), text_cfg.decoder_start_token_id, dtype=torch.long, device=prompt.device)
+            gen = GenerationConfig.from_kwargs(prompt_length=1, **generate_kwargs)
             from .t5_generation import T5DecoderState
             state = T5DecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
-            new = generate_tokens(state, state.first_logits, gen, generator=generator)
-            start = torch.full((new.shape[0], 1), text_cfg.decoder_start_token_id, dtype=torch.long, device=new.device)
-            return torch.cat([start, new], 1)
+            new = generate_tokens(state, state.first_logits, gen, generator=generator, prompt_tokens=start)
+            return torch.cat([start.repeat_interleave(new.shape[0] // B, 0), new], 1)
+        input_ids = input_ids.to(prompt.device)
+        gen = GenerationConfig.from_kwargs(prompt_length=input_ids.shape[1], **generate_kwargs)
+        if embeds.shape[1] + gen.max_new_tokens > text_cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {embeds.shape[1]} positions (including {Q} image queries) plus "
+                             f"{gen.max_new_tokens} new tokens exceeds the LLM's context of "
+                             f"{text_cfg.max_position_embeddings} positions")
         state = OPTDecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
-        new = generate_tokens(state, state.first_logits, gen, generator=generator)
-        reps = new.shape[0] // B
-        return torch.cat([input_ids.to(new.device).repeat_interleave(reps, 0), new], 1)
+        new = generate_tokens(state, state.first_logits, gen, generator=generator, prompt_tokens=input_ids)
+        return torch.cat([input_ids.repeat_interleave(new.shape[0] // B, 0), new], 1)
 
     # ------------------------------------------------------------------ loading
     @classmethod
