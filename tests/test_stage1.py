@@ -297,3 +297,52 @@ def test_training_steps_lower_every_loss():
         opt.step()
     for k in history[0]:
         assert history[-1][k] < history[0][k], (k, [h[k] for h in history])
+
+
+def _itc_rank(rank, world_size, init_file, out_file):
+    """One data-parallel rank: half the batch, ITC only, gradients averaged as DDP does."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model()
+        pixels, ids, mask = batch()
+        n = B // world_size
+        sl = slice(rank * n, (rank + 1) * n)
+        out = model(pixels[sl], ids[sl], mask[sl], use_itm=False, use_itg=False)
+        out["loss"].backward()
+        grads = {}
+        for name, p in trainable(model):
+            if p.grad is not None:
+                g = p.grad.clone()
+                dist.all_reduce(g)
+                grads[name] = g / world_size
+        loss = out["loss"].detach().clone()
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world_size, "grads": grads}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_itc_across_two_ranks_equals_the_full_batch(tmp_path):
+    """Mean over ranks of the per-rank ITC loss (features gathered, targets offset by rank)
+    and the DDP-averaged gradients equal single-process ITC on the whole batch; a gather
+    without gradient for the other ranks' terms would fail the gradient check."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_file = tmp_path / "rank0.pt"
+    mp.spawn(_itc_rank, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    got = torch.load(out_file)
+    model = tiny_model()
+    pixels, ids, mask = batch()
+    full = model(pixels, ids, mask, use_itm=False, use_itg=False)
+    full["loss"].backward()
+    assert abs(got["loss"].item() - full["loss"].item()) <= 1e-5 * max(1.0, full["loss"].item())
+    for name, p in trainable(model):
+        if p.grad is None:
+            assert name not in got["grads"], name
+        elif not name.endswith("key.bias"):  # zero in exact arithmetic (see above)
+            assert (got["grads"][name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
