@@ -13,50 +13,57 @@ wanted by both directions once.
 
 Units: images encoded per second (gallery phase); queries ranked per second (texts + images,
 i.e. both directions, after the gallery is encoded: text encoding, ITC, ITM, sorting).
-Warm-up runs on a few inputs first (on CUDA, ours also one full round) and is not timed; the
-device is synchronised before each clock read. `extra_info` holds both sides' rates, their
-ratios, the device, versions and commit.
-    pytest bench/test_bench_retrieval.py --benchmark-only      (CPU: ~1 min; GPU cases skip)
+Conventions of bench/harness.py: the first call of each side is untimed (it checks that both
+rank alike); then rounds alternate (transformers untimed by pytest-benchmark in its `setup`
+hook, ours timed), each phase clocked with the device synchronised; medians go to
+`extra_info` and one row to bench/results/<device>.jsonl (see bench/conftest.py options).
+    pytest bench/test_bench_retrieval.py --benchmark-only     (CPU: ~2 min at 3 rounds; GPU cases skip)
 """
-import subprocess
-import time
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import harness
 from blip2_fast.config import Blip2Config
 from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
 from blip2_fast.retrieval import Retriever
 from blip2_fast.testing import randomize_
 
-CASES = {  # preset, gallery, texts, k, batch size, dtype of the weights (Q-Former fp32 on both sides)
-    "cpu-small-96": dict(preset="blip2-small", images=96, texts=32, k=4, batch=32, dtype=torch.float32, cuda=False),
-    "gpu-vitg-1000": dict(preset="blip2-itm-vit-g", images=1000, texts=1000, k=16, batch=64, dtype=torch.bfloat16,
-                          cuda=True),
-}
+pytest.importorskip("pytest_benchmark")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    device: str
+    dtype: str  # the weights' dtype; the Q-Former stays fp32 on both sides (transformers' rule)
+    images: int
+    texts: int
+    k: int
+    batch: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.preset}-{self.device}-{self.dtype}-i{self.images}-t{self.texts}-k{self.k}"
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (ViT-g sizes in bf16)")
+CASES = [pytest.param(Case("blip2-small", "cpu", "float32", 64, 32, 4, 32), id="cpu-small"),
+         pytest.param(Case("blip2-itm-vit-g", "cuda", "bfloat16", 1000, 1000, 16, 64), id="gpu-vitg", marks=NEEDS_GPU)]
 
 
-def _inputs(n_img, n_txt, size, vocab, seed=0):
+def _inputs(case: Case, size: int, vocab: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(n_img, 3, size, size, generator=gen)
-    lengths = torch.randint(6, 20, (n_txt,), generator=gen)
-    ids = torch.randint(1000, vocab - 1, (n_txt, int(lengths.max())), generator=gen)
+    pixels = torch.randn(case.images, 3, size, size, generator=gen)
+    lengths = torch.randint(6, 20, (case.texts,), generator=gen)
+    ids = torch.randint(1000, vocab - 1, (case.texts, int(lengths.max())), generator=gen)
     ids[:, 0] = 101  # [CLS]
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-    return pixels, ids * mask, mask
+    return pixels.to(case.device), (ids * mask).to(case.device), mask.to(case.device)
 
 
 class Reference:
@@ -105,62 +112,66 @@ class Reference:
         return torch.stack(t2i), torch.stack(i2t)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    c = CASES[request.param]
-    if c["cuda"] and not torch.cuda.is_available():
-        pytest.skip("GPU case: CUDA is not available")
-    if not c["cuda"] and torch.cuda.is_available():
-        pytest.skip("CPU case: run on a machine without a GPU")
+def _load_pair(case: Case, folder: str):
     import transformers
-    device = torch.device("cuda" if c["cuda"] else "cpu")
-    cfg = transformers.Blip2Config.from_dict(Blip2Config.from_name(c["preset"]).to_hf_dict())
-    folder = str(tmp_path_factory.mktemp(request.param))
-    hf = randomize_(transformers.Blip2ForImageTextRetrieval(cfg), std=0.02)  # on the CPU: randomize_'s generator
-    hf.to(c["dtype"]).save_pretrained(folder)
-    del hf
-    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=c["dtype"]).to(device).eval()
-    ours = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=c["dtype"], device=device)
-    return c, device, hf, ours
+    cfg = transformers.Blip2Config.from_dict(Blip2Config.from_name(case.preset).to_hf_dict())
+    dtype = getattr(torch, case.dtype)
+    with torch.device(case.device):  # built where it runs: ViT-g is slow to build on a CPU
+        model = transformers.Blip2ForImageTextRetrieval(cfg).to(dtype)
+    randomize_(model, seed=0, std=0.02)
+    model.save_pretrained(folder)
+    del model
+    ref = transformers.Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=dtype).to(case.device).eval()
+    return Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=dtype, device=case.device), ref
 
 
-def test_retrieval_throughput(benchmark, case):
-    c, device, hf, ours = case
-    pixels, ids, mask = _inputs(c["images"], c["texts"], ours.config.vision.image_size, ours.config.qformer.vocab_size)
-    eng, ref = Retriever(ours, batch_size=c["batch"], progress=False), Reference(hf, c["batch"])
-    eng.retrieve(eng.encode_images(pixels[:4]), eng.encode_texts((ids[:4], mask[:4])), c["k"])  # warm-up
-    ref.rank(*ref.encode_images(pixels[:4]), ids[:4], mask[:4], c["k"])
-    times = {}
+@pytest.mark.parametrize("case", CASES)
+def test_retrieval_throughput(benchmark, bench_options, tmp_path, case: Case):
+    ours, hf = _load_pair(case, str(tmp_path))
+    pixels, ids, mask = _inputs(case, ours.config.vision.image_size, ours.config.qformer.vocab_size)
+    eng, ref = Retriever(ours, batch_size=case.batch, progress=False), Reference(hf, case.batch)
+    sw = {f"{side}_{phase}": None for side in ("ours", "ref") for phase in ("encode", "rank")}
+    state = {}
 
-    def clock(name, fn, *args):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn(*args)
-        _sync(device)
-        times[name] = time.perf_counter() - start
-        return out
+    def phase(name, fn):
+        if sw[name] is None:
+            sw[name] = harness.Stopwatch(fn, case.device)
+        return sw[name]
 
-    def ours_run():
-        gallery = clock("ours_encode", eng.encode_images, pixels)
-        return clock("ours_rank", lambda: eng.retrieve(gallery, eng.encode_texts((ids, mask)), c["k"]))
+    def ours_round():
+        gallery = phase("ours_encode", lambda: eng.encode_images(pixels))()
+        state["ours"] = phase("ours_rank", lambda: eng.retrieve(gallery, eng.encode_texts((ids, mask)), case.k))()
 
-    # CUDA: one full untimed round first, so cross_attention's per-shape autotuning (a one-off,
-    # like compilation) stays out of the clock; the CPU never autotunes
-    result = benchmark.pedantic(ours_run, rounds=1, iterations=1, warmup_rounds=int(device.type == "cuda"))
-    tokens, feats = clock("ref_encode", ref.encode_images, pixels)
-    t2i, i2t = clock("ref_rank", ref.rank, tokens, feats, ids, mask, c["k"])
+    def ref_round():
+        tokens, feats = phase("ref_encode", lambda: ref.encode_images(pixels))()
+        state["ref"] = phase("ref_rank", lambda: ref.rank(tokens, feats, ids, mask, case.k))()
 
-    queries = c["images"] + c["texts"]
-    info = benchmark.extra_info
-    info.update(case=c["preset"], images=c["images"], texts=c["texts"], k=c["k"], dtype=str(c["dtype"]),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, commit=_commit())
-    for side in ("ours", "ref"):
-        info[f"{side}_images_per_s"] = c["images"] / times[f"{side}_encode"]
-        info[f"{side}_queries_per_s"] = queries / times[f"{side}_rank"]
-    info["encode_ratio"] = info["ours_images_per_s"] / info["ref_images_per_s"]
-    info["rank_ratio"] = info["ours_queries_per_s"] / info["ref_queries_per_s"]
-    info["t2i_top1_agreement"] = float((result.text_to_image.indices[:, 0].cpu() == t2i[:, 0].cpu()).float().mean())
-    info["i2t_top1_agreement"] = float((result.image_to_text.indices[:, 0].cpu() == i2t[:, 0].cpu()).float().mean())
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in info.items()})
-    assert info["t2i_top1_agreement"] >= 0.9 and info["i2t_top1_agreement"] >= 0.9  # same procedure, same answer
+    # first calls, untimed (on CUDA this also runs cross_attention's one-off per-shape autotuning)
+    ref_round()
+    ours_round()
+    t2i, i2t = state["ref"]
+    res = state["ours"]
+    agree_t2i = float((res.text_to_image.indices[:, 0].cpu() == t2i[:, 0].cpu()).float().mean())
+    agree_i2t = float((res.image_to_text.indices[:, 0].cpu() == i2t[:, 0].cpu()).float().mean())
+    assert min(agree_t2i, agree_i2t) >= 0.9, f"top-1 agreement {agree_t2i:.0%} / {agree_i2t:.0%}: not the same procedure"
+
+    rounds = bench_options["rounds"]
+    benchmark.pedantic(ours_round, setup=ref_round, rounds=rounds, warmup_rounds=bench_options["warmup_rounds"])
+    telemetry = harness.gpu_telemetry(torch.device(case.device).index or 0) if case.device == "cuda" else None
+    t = {name: harness.median(w.measured(rounds)) for name, w in sw.items()}
+    queries = case.images + case.texts
+    sides = {side: {"encode_s": t[f"{side}_encode"], "rank_s": t[f"{side}_rank"],
+                    "images_per_s": case.images / t[f"{side}_encode"], "queries_per_s": queries / t[f"{side}_rank"]}
+             for side in ("ours", "ref")}
+    row = {"bench": "retrieval", "case": case.id, "config": asdict(case), "device": harness.device_info(case.device),
+           "telemetry": telemetry, "ours": sides["ours"], "transformers": sides["ref"],
+           "encode_ratio": sides["ours"]["images_per_s"] / sides["ref"]["images_per_s"],
+           "rank_ratio": sides["ours"]["queries_per_s"] / sides["ref"]["queries_per_s"],
+           "t2i_top1_agreement": agree_t2i, "i2t_top1_agreement": agree_i2t, "rounds": rounds,
+           "quick": bench_options["quick"]}
+    benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("device", "config")})
+    if bench_options["record"]:
+        harness.append_result(row, bench_options["results_dir"])
+    print(f"\n{case.id}: ours {sides['ours']['images_per_s']:.1f} img/s {sides['ours']['queries_per_s']:.1f} q/s, "
+          f"transformers {sides['ref']['images_per_s']:.1f} img/s {sides['ref']['queries_per_s']:.1f} q/s, "
+          f"ratios encode {row['encode_ratio']:.2f} rank {row['rank_ratio']:.2f}")
