@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", parents=[common], help="questions from stdin about one image")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--prompt", help="question template with {}")
+    p = sub.add_parser("retrieve", parents=[common], help="rank images for texts and texts for images (ITC + ITM rerank)")
+    p.add_argument("--images", required=True, metavar="DIR", help="image folder (hidden files, sub-folders skipped)")
+    p.add_argument("--texts", required=True, metavar="FILE", help="UTF-8, one text per line, no blank lines")
+    p.add_argument("--k", type=int, default=128, help="ITC candidates reranked by ITM per query (clamped to the gallery)")
+    p.add_argument("--top", type=int, default=5, help="results printed per query")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache", metavar="FILE.safetensors", help="gallery feature cache, reused for the same model")
     return parser
 
 
@@ -281,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import CheckpointError
 
     args = vars(build_parser().parse_args(argv))
-    command = {"caption": caption, "vqa": vqa, "chat": chat}[args.pop("command")]
+    from .retrieval import retrieve_main
+
+    command = {"caption": caption, "vqa": vqa, "chat": chat,
+               "retrieve": lambda **kw: retrieve_main(kw)}[args.pop("command")]
     try:
         return command(**args)
     except (CLIError, ImageError, CheckpointError, ConfigError) as err:

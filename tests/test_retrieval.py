@@ -337,3 +337,20 @@ def test_retrieve_cli(tmp_path, capsys):
     texts.write_text("a red circle\n\nthe cat\n")
     with pytest.raises(CLIError, match="line 2 is empty"):
         retrieve_main(args)
+
+
+def test_retrieve_through_the_console_entry(tmp_path, capsys):
+    from blip2_fast.cli import main
+    folder = str(tmp_path / "model")
+    make_retrieval_folder(folder, seed=7)
+    images = str(tmp_path / "imgs")
+    _write_images(images, 3)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\nthe cat\n")
+    assert main(["retrieve", "--model", folder, "--images", images, "--texts", str(texts), "--top", "1",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 3 and lines[0].startswith("t2i\ta red circle\t1\t")
+    texts.write_text("a red circle\n\n")
+    assert main(["retrieve", "--model", folder, "--images", images, "--texts", str(texts)]) == 2
+    assert "line 2 is empty" in capsys.readouterr().err
