@@ -24,13 +24,9 @@ in bench/results/<device>.jsonl (bench/harness.py) unless --no-record or --quick
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,26 +40,9 @@ pytestmark = pytest.mark.skipif(not CUDA, reason="attention kernels are benchmar
                                                  "(on the CPU the Triton kernel runs in the interpreter)")
 
 
-def _import_kernels():
-    """blip2_fast.kernels from an install, else this checkout's kernels/ mapped onto that name."""
-    try:
-        import blip2_fast.kernels  # noqa: F401
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-        import blip2_fast  # noqa: F401
-        spec = importlib.util.spec_from_file_location("blip2_fast.kernels", root / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["blip2_fast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_import_kernels()
-qa = importlib.import_module("blip2_fast.kernels.qformer_attention")
-ca = importlib.import_module("blip2_fast.kernels.cross_attention")
-dispatch = importlib.import_module("blip2_fast.kernels.dispatch")
+import blip2_fast.kernels.qformer_attention as qa
+import blip2_fast.kernels.cross_attention as ca
+import blip2_fast.kernels.dispatch as dispatch
 
 DTYPE = torch.bfloat16
 HEADS, HEAD_DIM, NUM_QUERY, TEXT_LEN, IMAGE_TOKENS = 12, 64, 32, 32, 257

@@ -4,36 +4,14 @@ and the per-shape autotune (CUDA only; its bookkeeping is checked on the CPU wit
 Two-tier tolerance as in test_qformer_attention.py: error vs the fp64 reference at most twice
 plain PyTorch's error in the same precision, plus a floor of a few ulps of the dtype.
 """
-import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 
-def _import_kernels():
-    """blip2_fast.kernels from an install, else this checkout's kernels/ mapped onto that name as
-    setup.py does (never as a top-level `kernels`: that name belongs to a PyPI package)."""
-    try:
-        import blip2_fast.kernels  # noqa: F401
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-        import blip2_fast  # noqa: F401
-        spec = importlib.util.spec_from_file_location("blip2_fast.kernels", root / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["blip2_fast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_import_kernels()
-ca = importlib.import_module("blip2_fast.kernels.cross_attention")
-dispatch = importlib.import_module("blip2_fast.kernels.dispatch")
+import blip2_fast.kernels.cross_attention as ca
+import blip2_fast.kernels.dispatch as dispatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
