@@ -236,7 +236,7 @@ class Blip2Config:
         if self.num_query_tokens < 1:
             raise ConfigError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
         if q.cross_attention_frequency < 1:
-            raise ConfigError(f"qformer_config.cross_attention_frequency must be >= 1")
+            raise ConfigError("qformer_config.cross_attention_frequency must be >= 1")
 
     @property
     def is_encoder_decoder(self) -> bool:
