@@ -9,8 +9,15 @@ import os
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries a compiled library: tag it for the platform, not py3-none-any."""
+
+    def has_ext_modules(self):
+        return True
 
 
 class BuildWithNative(build_py):
@@ -23,7 +30,11 @@ class BuildWithNative(build_py):
         here = os.path.dirname(os.path.abspath(__file__))
         if not os.path.exists(os.path.join(here, "CMakeLists.txt")):
             return
-        out_dir = os.path.join(os.path.abspath(self.build_lib), "blip2_fast", "kernels")
+        # an editable install imports kernels/ from the source tree: build the library there
+        if getattr(self, "editable_mode", False):
+            out_dir = os.path.join(here, "kernels")
+        else:
+            out_dir = os.path.join(os.path.abspath(self.build_lib), "blip2_fast", "kernels")
         build_dir = os.path.join(here, "build", "native")
         try:
             subprocess.check_call(["cmake", "-S", here, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
@@ -61,4 +72,5 @@ setup(
     },
     entry_points={"console_scripts": ["blip2-fast=blip2_fast.cli:main"]},
     cmdclass={"build_py": BuildWithNative},
+    distclass=BinaryDistribution,
 )
