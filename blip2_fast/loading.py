@@ -138,23 +138,31 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
     tied = _tied_keys(model)
     aliases = _alias_groups(expected)
 
-    quant = None
-    if load_in_8bit or quantization_config is not None:
-        from .quantization import Int8WeightOnlyConfig, prepare_for_loading
-        quant = quantization_config or Int8WeightOnlyConfig()
-        model, expected = prepare_for_loading(model, quant, expected)
+    quant = _quant_config(config, load_in_8bit, quantization_config)
+    if quant is not None and quant.backend != "bnb":
+        # replace the LLM's linears by int8 modules while still on meta: each float weight is
+        # then quantised the moment it is read, so the 16-bit LLM never exists in memory
+        from .quantization import quantize_
+        quantize_(model.language_model, quant)
+        expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        aliases = _alias_groups(expected)
 
     files = _weight_files(folder)
     loaded, pending = {}, {}
+
+    def put(key, tensor):
+        for k, t in _maybe_quantize(model, key, tensor, quant).items():
+            loaded[k] = _convert(k, t, expected, dtype, device, qformer_dtype, quant)
+
     for key, tensor in iter_checkpoint(files):
         if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
             pending[key] = tensor
             continue
-        loaded[key] = _convert(key, tensor, expected, dtype, device, qformer_dtype, quant)
+        put(key, tensor)
     folded = {}
     _fold_vision_biases(pending, folded)
     for key, tensor in folded.items():
-        loaded[key] = _convert(key, tensor, expected, dtype, device, qformer_dtype, quant)
+        put(key, tensor)
 
     unexpected = sorted(k for k in loaded if k not in expected)
     missing = sorted(k for k in expected if k not in loaded and k not in tied
@@ -173,10 +181,44 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{folder}: no weights for {', '.join(leftover[:8])}")
+    if quant is not None and quant.backend == "bnb":
+        from .quantization import quantize_
+        quantize_(model.language_model, quant)  # bitsandbytes quantises when moved to the GPU
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+QUANT_METHOD = "blip2_fast_int8"
+
+
+def _quant_config(config, load_in_8bit: bool, quantization_config):
+    """The int8 config to apply: the caller's, or the one a saved int8 checkpoint records."""
+    saved = config.extra.get("quantization_config")
+    if saved is not None and saved.get("quant_method") == QUANT_METHOD:
+        from .quantization import Int8WeightOnlyConfig
+        recorded = Int8WeightOnlyConfig(**{k: v for k, v in saved.items() if k != "quant_method"})
+        if quantization_config is not None and quantization_config != recorded:
+            raise CheckpointError(f"checkpoint is already quantised with {recorded}; it cannot be loaded as "
+                                  f"{quantization_config}")
+        return recorded
+    if load_in_8bit or quantization_config is not None:
+        if config.text is None:
+            raise ValueError("load_in_8bit quantises the LLM, and this model has none")
+        from .quantization import Int8WeightOnlyConfig
+        return quantization_config or Int8WeightOnlyConfig()
+    return None
+
+
+def _maybe_quantize(model, key: str, tensor, quant) -> dict:
+    prefix = "language_model."
+    if quant is None or quant.backend == "bnb" or not key.startswith(prefix):
+        return {key: tensor}
+    from .quantization import quantize_tensor_for_loading
+    out = quantize_tensor_for_loading(key[len(prefix):], tensor, quant, model.language_model)
+    return {prefix + k: t for k, t in out.items()}
 
 
 LM_HEAD = "language_model.lm_head.weight"
@@ -221,10 +263,10 @@ def _convert(key, tensor, expected, dtype, device, qformer_dtype, quant):
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(f"key {key}: checkpoint shape {tuple(tensor.shape)} does not match the "
                               f"model's {tuple(target.shape)}")
-    if quant is not None and not target.is_floating_point():
-        return tensor.to(device)  # already-quantised int8 weights
     if not tensor.is_floating_point():
-        return tensor.to(device)
+        return tensor.to(device)  # int8 weights and integer buffers keep their dtype
+    if key.endswith(".weight_scale"):
+        return tensor.to(device=device, dtype=torch.float32)  # scales stay fp32 (kernels' contract)
     want = dtype if isinstance(dtype, torch.dtype) else (tensor.dtype if dtype == "auto" else torch.float32)
     if qformer_dtype is not None and (key.startswith(("qformer.", "query_tokens")) or key == "query_tokens"):
         want = qformer_dtype
@@ -232,6 +274,20 @@ def _convert(key, tensor, expected, dtype, device, qformer_dtype, quant):
 
 
 # ---------------------------------------------------------------------------- saving
+def _int8_config_of(model: nn.Module) -> dict | None:
+    """The int8 settings of a quantised model (read back on load), or None."""
+    from .quantization import Int8Embedding, Int8Linear
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Embedding))}
+    if not int8:
+        return None
+    groups = {m.group_size for m in int8.values()}
+    if len(groups) > 1:
+        raise ValueError(f"cannot record mixed group sizes {sorted(groups, key=str)} in one checkpoint")
+    return {"group_size": groups.pop(),
+            "include_lm_head": any(n.endswith("lm_head") for n in int8),
+            "include_embeddings": any(isinstance(m, Int8Embedding) for m in int8.values())}
+
+
 def _parse_size(size) -> int:
     if isinstance(size, int):
         return size
@@ -273,6 +329,9 @@ def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None
             with open(os.path.join(tmp, SAFE_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
         cfg = model.config.to_hf_dict()
+        quant = _int8_config_of(model)
+        if quant is not None:
+            cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quant}
         cfg.setdefault("architectures", [type(model).__name__])
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
