@@ -163,6 +163,12 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
     _fold_vision_biases(pending, folded)
     for key, tensor in folded.items():
         put(key, tensor)
+    head_int8 = LM_HEAD in expected and expected[LM_HEAD].dtype == torch.int8
+    if head_int8 and LM_HEAD not in loaded and LM_HEAD in tied:
+        # a tied head quantised on request: its own int8 copy of the (float) embedding
+        lm = model.language_model
+        name = next(n for n, m in lm.named_modules() if m is lm.get_input_embeddings())
+        put(LM_HEAD, loaded[f"language_model.{name}.weight"])
 
     unexpected = sorted(k for k in loaded if k not in expected)
     missing = sorted(k for k in expected if k not in loaded and k not in tied
@@ -176,7 +182,7 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
                          f"({len(unexpected)})")
         raise CheckpointError(f"{folder}: checkpoint does not match the config: " + "; ".join(parts))
     model.load_state_dict(loaded, strict=False, assign=True)
-    if LM_HEAD in tied and (LM_HEAD not in loaded or model.config.text.model_type == "opt"):
+    if LM_HEAD in tied and not head_int8 and (LM_HEAD not in loaded or model.config.text.model_type == "opt"):
         model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

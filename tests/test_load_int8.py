@@ -61,3 +61,14 @@ def test_int8_save_and_reload_without_requantising(folder, tmp_path):
                                                       quantization_config=Int8WeightOnlyConfig(group_size=8))
     with pytest.raises(QuantizationError, match="already quantised"):
         quantize_(back.language_model, Int8WeightOnlyConfig())
+
+
+def test_int8_tied_lm_head_on_request(folder):
+    ref = Blip2ForConditionalGeneration.from_pretrained(folder)
+    q = Blip2ForConditionalGeneration.from_pretrained(folder, quantization_config=Int8WeightOnlyConfig(include_lm_head=True))
+    head = q.language_model.lm_head
+    assert isinstance(head, Int8Linear) and head.weight.dtype == torch.int8
+    assert q.language_model.get_input_embeddings().weight.dtype == torch.float32  # the embedding stays float
+    pixels = random_pixels(2, seed=5)
+    a, b = _logits(ref, pixels), _logits(q, pixels)
+    assert (a - b).norm() / a.norm() < 0.05
