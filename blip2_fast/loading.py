@@ -74,8 +74,9 @@ def _weight_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index found")
 
 
-def iter_checkpoint(files: list[str]):
-    """Yield (key, tensor) one at a time from safetensors or torch pickle files."""
+def iter_checkpoint(files: list[str], want=None):
+    """Yield (key, tensor) one at a time from safetensors or torch pickle files; with `want`,
+    only keys for which want(key) is true (safetensors skips the others unread)."""
     for path in files:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -86,6 +87,8 @@ def iter_checkpoint(files: list[str]):
                 raise CheckpointError(f"{path}: cannot read safetensors header ({err}); "
                                       f"the file may be truncated or corrupt") from None
             for key in keys:
+                if want is not None and not want(key):
+                    continue
                 try:
                     yield key, handle.get_tensor(key)
                 except Exception as err:
@@ -96,7 +99,7 @@ def iter_checkpoint(files: list[str]):
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as err:
                 raise CheckpointError(f"{path}: cannot read ({err}); the file may be truncated or corrupt") from None
-            yield from state.items()
+            yield from ((k, t) for k, t in state.items() if want is None or want(k))
 
 
 def _fold_vision_biases(pending: dict, out: dict) -> None:
@@ -115,12 +118,16 @@ def _fold_vision_biases(pending: dict, out: dict) -> None:
 
 def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = None, device=None,
                     load_in_8bit: bool = False, quantization_config=None, revision: str | None = None,
-                    token: str | None = None, qformer_dtype: torch.dtype | None = torch.float32):
+                    token: str | None = None, qformer_dtype: torch.dtype | None = torch.float32,
+                    skip_unused: bool = False):
     """Build `cls` from a transformers BLIP-2 folder or hub id.
 
     dtype: weights' dtype (default float32; "auto" keeps the checkpoint's). The Q-Former and
     the query tokens stay in `qformer_dtype` (float32 by default, as transformers keeps them).
     load_in_8bit / quantization_config: int8 weight-only LLM linears (see `quantize_`).
+    skip_unused: checkpoint tensors `cls` has no place for are not read instead of being an
+    error (a projection model loaded from a full retrieval folder, as transformers allows);
+    missing keys are still an error.
     """
     folder = resolve_folder(path_or_hub_id, revision, token)
     config_path = os.path.join(folder, "config.json")
@@ -154,7 +161,12 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
         for k, t in _maybe_quantize(model, key, tensor, quant).items():
             loaded[k] = _convert(k, t, expected, dtype, device, qformer_dtype, quant)
 
-    for key, tensor in iter_checkpoint(files):
+    def used(key: str) -> bool:
+        if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
+            return key[: -len("q_bias")] + "qkv.bias" in expected
+        return key in expected
+
+    for key, tensor in iter_checkpoint(files, want=used if skip_unused else None):
         if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
             pending[key] = tensor
             continue

@@ -107,3 +107,18 @@ def test_multimodal_features_are_itm_query_outputs(retrieval_folder):
         assert (out - ours.query_output(ours.vision(pixels))).abs().max() > 1e-3
         with pytest.raises(ValueError, match="pairs"):
             F.multimodal_features(ours, pixels[:2], ids, mask)
+
+
+def test_text_model_reads_no_vision_tensor_from_a_retrieval_folder(retrieval_folder, monkeypatch):
+    """skip_unused leaves the other tower on disk: loading the text model reads no ViT tensor."""
+    import blip2_fast.loading as loading
+    read = []
+    real = loading.iter_checkpoint
+
+    def spy(files, want=None):
+        for key, tensor in real(files, want):
+            read.append(key)
+            yield key, tensor
+    monkeypatch.setattr(loading, "iter_checkpoint", spy)
+    F.Blip2TextModelWithProjection.from_pretrained(retrieval_folder[1])
+    assert read and not any(k.startswith(("vision_model.", "vision_projection.", "itm_head.")) for k in read)

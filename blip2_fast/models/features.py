@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -78,53 +77,17 @@ def multimodal_features(model: nn.Module, pixel_values, input_ids, attention_mas
 class _Pretrained(nn.Module):
     """from_pretrained / save_pretrained for the projection models. transformers loads them from
     their own folders and also from a `Blip2ForImageTextRetrieval` folder (e.g.
-    Salesforce/blip2-itm-vit-g), ignoring the other tower's weights; so do we: a folder whose
-    keys are a superset of ours is loaded as `Blip2ForImageTextRetrieval` and our parts (`PARTS`)
-    are kept, the rest freed. Any other mismatch is `CheckpointError` from the strict loader."""
-
-    PARTS: tuple[str, ...] = ()
+    Salesforce/blip2-itm-vit-g), ignoring the other tower's weights; so do we: tensors we have no
+    place for are skipped unread, and a missing one is still `CheckpointError`."""
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, **kwargs):
-        from ..loading import load_pretrained, resolve_folder
-        from .retrieval import Blip2ForImageTextRetrieval
-
-        folder = resolve_folder(path_or_hub_id, kwargs.get("revision"), kwargs.get("token"))
-        with torch.device("meta"):
-            ours = set(cls(Blip2Config.from_json_file(os.path.join(folder, "config.json"))).state_dict())
-        keys = _checkpoint_keys(folder)
-        if keys is None or keys <= ours or not ours <= keys:
-            return load_pretrained(cls, folder, **kwargs)  # exact match, or the strict loader's error
-        full = load_pretrained(Blip2ForImageTextRetrieval, folder, **kwargs)
-        with torch.device("meta"):
-            model = cls(full.config)
-        for name in cls.PARTS:
-            setattr(model, name, getattr(full, name))
-        return model.eval()
+        from ..loading import load_pretrained
+        return load_pretrained(cls, path_or_hub_id, skip_unused=True, **kwargs)
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
         from ..loading import save_pretrained
         save_pretrained(self, folder, **kwargs)
-
-
-def _checkpoint_keys(folder: str) -> set[str] | None:
-    """Tensor names of a safetensors checkpoint (headers only); None for other formats."""
-    from safetensors import safe_open
-
-    from ..loading import CheckpointError, _weight_files
-
-    files = _weight_files(folder)
-    if not all(f.endswith(".safetensors") for f in files):
-        return None
-    keys = set()
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as handle:
-                keys.update(handle.keys())
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot read safetensors header ({err})") from None
-    return {k for k in keys if not k.endswith(("self_attn.q_bias", "self_attn.v_bias"))} | \
-        {k.replace("q_bias", "qkv.bias") for k in keys if k.endswith("self_attn.q_bias")}
 
 
 class Blip2Model(Blip2ForConditionalGeneration):
@@ -136,8 +99,6 @@ class Blip2Model(Blip2ForConditionalGeneration):
 
 
 class Blip2VisionModelWithProjection(_Pretrained):
-    PARTS = ("vision_model", "query_tokens", "qformer", "vision_projection")
-
     def __init__(self, config: Blip2Config):
         super().__init__()
         self.config = config
@@ -154,8 +115,6 @@ class Blip2VisionModelWithProjection(_Pretrained):
 
 
 class Blip2TextModelWithProjection(_Pretrained):
-    PARTS = ("query_tokens", "embeddings", "qformer", "text_projection")
-
     def __init__(self, config: Blip2Config):
         super().__init__()
         self.config = config
