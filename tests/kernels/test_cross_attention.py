@@ -4,7 +4,6 @@ and the per-shape autotune (CUDA only; its bookkeeping is checked on the CPU wit
 Two-tier tolerance as in test_qformer_attention.py: error vs the fp64 reference at most twice
 plain PyTorch's error in the same precision, plus a floor of a few ulps of the dtype.
 """
-import os
 
 import pytest
 import torch
@@ -13,10 +12,7 @@ import torch
 import blip2_fast.kernels.cross_attention as ca
 import blip2_fast.kernels.dispatch as dispatch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-FLOOR = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-NAMES = ("out", "dq", "dk", "dv")
+from twotier import CUDA, DEVICE, NAMES, assert_two_tier, fwd_bwd
 
 # (B, H, Lq, Lk, D): 32 queries against ViT-g's 257 tokens, odd lengths, a single key
 SHAPES = [
@@ -27,15 +23,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    name = request.param
-    if name == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1 set before triton is imported")
-    monkeypatch.setenv("BLIP2_FAST_BACKEND", name)
-    return name
-
-
 def make_inputs(B, H, Lq, Lk, D, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, dout = (torch.randn(B, H, Lq, D, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
@@ -43,27 +30,11 @@ def make_inputs(B, H, Lq, Lk, D, dtype, device, seed=0):
     return q, k, v, dout
 
 
-def fwd_bwd(fn, q, k, v, dout, *args):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves, *args)
-    return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
-
-
-def assert_two_tier(tested, eager, ref, dtype):
-    for name, t, e, r in zip(NAMES, tested, eager, ref):
-        assert torch.isfinite(t).all(), f"{name}: NaN or inf"
-        err = (t.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, r.abs().max().item())
-        assert err <= 2 * err_eager + floor, \
-            f"{name}: max error {err:.3e} > 2 x eager's {err_eager:.3e} + floor {floor:.1e}"
-
-
 def check(q, k, v, dout, dtype, fn=None, scale=None):
     tested = fwd_bwd(fn or ca.cross_attention, q, k, v, dout, scale)
     eager = fwd_bwd(ca.cross_attention_ref, q, k, v, dout, scale)
     ref = fwd_bwd(ca.cross_attention_ref, q.double(), k.double(), v.double(), dout.double(), scale)
-    assert_two_tier(tested, eager, ref, dtype)
+    assert_two_tier(NAMES, tested, eager, ref, dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)

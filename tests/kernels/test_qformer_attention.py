@@ -7,7 +7,6 @@ the fp64 reference is at most twice the error of plain PyTorch eager in the same
 plus a floor of a few units in the last place of that dtype.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -16,11 +15,7 @@ import torch
 import blip2_fast.kernels.qformer_attention as qa
 import blip2_fast.kernels.dispatch as dispatch
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# a few units in the last place at magnitude 1 (gradients cancel terms of magnitude ~ sqrt(D), hence
-# more than one ulp in fp32); scaled by the reference's magnitude
-FLOOR = {torch.float32: 5e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+from twotier import CUDA, DEVICE, NAMES, assert_two_tier, fwd_bwd
 
 # (B, H, num_query, T, D): text lengths 0, 1, 17, 32, 35; query counts 32 and odd; odd B and H
 SHAPES = [
@@ -35,16 +30,6 @@ SHAPES = [
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """Force a backend family for the test; the Triton one needs CUDA or the interpreter."""
-    name = request.param
-    if name == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1 set before triton is imported")
-    monkeypatch.setenv("BLIP2_FAST_BACKEND", name)
-    return name
-
 
 def make_padding(B, num_query, T, kind, device):
     """None; "text": ragged text lengths, batch row 0 with its text fully padded; "all": batch row 0
@@ -70,30 +55,8 @@ def make_inputs(B, H, num_query, T, D, dtype, device, seed=0):
     return q, k, v, dout
 
 
-def fwd_bwd(fn, q, k, v, dout, *args):
-    """Output and (dq, dk, dv) of fn(q, k, v, *args) for leaf copies of q, k, v."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves, *args)
-    grads = torch.autograd.grad(out, leaves, dout)
-    return [out.detach(), *grads]
-
-
 def reference_fp64(q, k, v, dout, *args):
     return fwd_bwd(qa.qformer_attention_ref, q.double(), k.double(), v.double(), dout.double(), *args)
-
-
-def assert_two_tier(names, tested, eager, ref, dtype):
-    """Each tested tensor: max error vs fp64 ref <= 2 x plain PyTorch's error + floor; finite."""
-    for name, t, e, r in zip(names, tested, eager, ref):
-        assert torch.isfinite(t).all(), f"{name}: NaN or inf"
-        err = (t.double() - r).abs().max().item() if r.numel() else 0.0
-        err_eager = (e.double() - r).abs().max().item() if r.numel() else 0.0
-        floor = FLOOR[dtype] * max(1.0, r.abs().max().item() if r.numel() else 0.0)
-        assert err <= 2 * err_eager + floor, \
-            f"{name}: max error {err:.3e} > 2 x eager's {err_eager:.3e} + floor {floor:.1e}"
-
-
-NAMES = ("out", "dq", "dk", "dv")
 
 
 def check_against_reference(B, H, num_query, T, D, mode, pad_kind, dtype, device, fn=None):
