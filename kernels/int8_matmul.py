@@ -163,6 +163,25 @@ def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 # ------------------------------------------------------------------------------- Triton kernels
 
 @_jit
+def _dequant_tile_dot(acc, x, w_int8, s_ptr, offs_n, mask_n, k0, stride_sn, stride_sg,
+                      GROUP_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x @ dequant(w) for one K tile. int8 -> activation dtype is exact; the scale is applied
+    per tile for group-wise scales, else once in the caller's epilogue. Through fp32: Triton 3.9's
+    interpreter converts int8 -> bf16 wrongly (bit reinterpretation), and on GPUs int8 -> bf16 is
+    an int -> fp32 -> bf16 conversion anyway."""
+    w = w_int8.to(tl.float32).to(x.dtype)
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    if GROUP_SIZE > 0:
+        s = tl.load(s_ptr + offs_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg, mask=mask_n, other=0.0)
+        acc += tl.dot(x, w, input_precision=INPUT_PRECISION) * s.to(tl.float32)[None, :]
+    else:
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@_jit
 def _int8_gemm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -194,18 +213,9 @@ def _int8_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Dequantise in the load: int8 -> activation dtype is exact; the scale comes later.
-        # Through fp32: Triton 3.9's interpreter converts int8 -> bf16 wrongly (bit reinterpretation),
-        # and on GPUs int8 -> bf16 is an int -> fp32 -> bf16 conversion anyway.
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.float32).to(x.dtype)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if GROUP_SIZE > 0:
-            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg, mask=mask_n, other=0.0)
-            acc += tl.dot(x, w, input_precision=INPUT_PRECISION) * s.to(tl.float32)[None, :]
-        else:
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = _dequant_tile_dot(acc, x, w, s_ptr, offs_n, mask_n, k0, stride_sn, stride_sg,
+                                GROUP_SIZE, INPUT_PRECISION, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if GROUP_SIZE == 0:
@@ -241,15 +251,9 @@ def _int8_splitk_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.float32).to(x.dtype)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if GROUP_SIZE > 0:
-            s = tl.load(s_ptr + offs_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg, mask=mask_n, other=0.0)
-            acc += tl.dot(x, w, input_precision=INPUT_PRECISION) * s.to(tl.float32)[None, :]
-        else:
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = _dequant_tile_dot(acc, x, w, s_ptr, offs_n, mask_n, k0, stride_sn, stride_sg,
+                                GROUP_SIZE, INPUT_PRECISION, UPCAST)
     # partials: (SPLIT_K, M, N) fp32, contiguous
     p_ptrs = p_ptr + pid_s.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
