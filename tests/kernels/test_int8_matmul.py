@@ -164,6 +164,17 @@ def test_triton_llm_sizes_on_gpu(m, dtype):
             assert_two_tier(im.int8_linear_triton_splitk(x, q, s, b), x, q, s, b, f"gpu splitk {m}x{n}x{k}")
 
 
+@pytest.mark.skipif(not CUDA, reason="the CUDA library runs on a CUDA GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m,n,k,group", [(1, 37, 123, None), (3, 70, 256, 16), (17, 45, 96, None), (128, 19, 544, 32)])
+def test_native_cuda_library(m, n, k, group, dtype):
+    if native.load_cuda() is None:
+        pytest.skip(f"CUDA library not built: {native.unavailable_reason(native.CUDA_LIB)}")
+    x, q, s, b = make(m, n, k, group, dtype)
+    assert_two_tier(im.int8_linear_native_cuda(x, q, s, b), x, q, s, b, f"native cuda {m}x{n}x{k}")
+    assert_two_tier(im.int8_linear_native_cuda(x, q, s, None), x, q, s, None, "native cuda, no bias")
+
+
 # ---------------------------------------------------------------------------------------- dispatch
 
 @needs_triton
