@@ -90,13 +90,18 @@ def test_legacy_q_v_bias_keys_are_folded(tiny, tmp_path):
 
 
 def test_dtype_and_fp32_qformer(tiny):
-    folder, _ = tiny
+    folder, hf = tiny
     model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
     assert model.language_model.lm_head.weight.dtype == torch.bfloat16
     assert model.vision_model.post_layernorm.weight.dtype == torch.bfloat16
     assert model.qformer.layernorm.weight.dtype == torch.float32  # as transformers keeps it
-    out = model.generate(random_pixels(1), max_new_tokens=3)
-    assert out.shape[1] >= 3
+    pixels = random_pixels(2, seed=6)
+    ref = _logits(hf, hf.config, pixels[:1])
+    got = _logits(model, hf.config, pixels[:1].to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).norm() / ref.norm() < 0.03  # bf16 rounding, not a wrong computation
+    out = model.generate(pixels.to(torch.bfloat16), max_new_tokens=3, min_new_tokens=3)
+    assert out.shape == (2, hf.config.num_query_tokens + 1 + 3)
 
 
 def _edit_state(folder, edit):
