@@ -50,12 +50,11 @@ class Blip2ForConditionalGeneration(nn.Module):
     def __init__(self, config: Blip2Config):
         super().__init__()
         self.config = config
+        self.language_model = build_language_model(config)  # first: it refuses configs without an LLM
         self.vision_model = VisionModel(config.vision)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer.hidden_size))
         self.qformer = QFormerModel(config.qformer)
-        self.language_projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size
-                                             if config.text is not None else 1)
-        self.language_model = build_language_model(config)
+        self.language_projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size)
 
     # ------------------------------------------------------------------ features
     @property
