@@ -4,6 +4,15 @@ A drop-in for transformers' class of the same name: same checkpoint keys, same i
 `Blip2Processor` produces, with `num_query_tokens` image placeholder tokens in `input_ids`),
 same outputs. A prompt without placeholders is also accepted: the soft visual prompt is then
 prepended (BLIP-2's original layout), and the attention mask is extended to cover it.
+
+Question-conditioned Q-Former (VQA, DESIGN.md §1): when `config.qformer.use_qformer_text_input`
+the model holds `embeddings` (BERT word + position embeddings, the keys `embeddings.*` of
+transformers' Blip2ForImageTextRetrieval and of our Blip2Stage1), and `get_image_features`,
+`forward` and `generate` take `qformer_input_ids` / `qformer_attention_mask` (InstructBLIP's
+names): queries and question tokens run together in the bidirectional mode and only the query
+outputs feed `language_projection`. transformers' Blip2ForConditionalGeneration has no such
+input and ignores `embeddings.*` in a folder; a folder it wrote has none, and then our model is
+built without them (no question conditioning; passing qformer_input_ids is an error).
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from torch import nn
 
 from ..config import Blip2Config
 from .opt import OPTLM, OPTDecoderState
-from .qformer import QFormerModel
+from .qformer import QFormerModel, QFormerTextEmbeddings
 from .vision import VisionModel
 
 
@@ -46,8 +55,13 @@ def build_language_model(config: Blip2Config) -> nn.Module:
     return T5LM(config.text)
 
 
+TEXT_EMBEDDING_KEYS = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
+
+
 class Blip2ForConditionalGeneration(nn.Module):
-    def __init__(self, config: Blip2Config):
+    def __init__(self, config: Blip2Config, qformer_text_embeddings: bool | None = None):
+        """qformer_text_embeddings: build `embeddings` for question tokens (default: when the
+        Q-Former takes text, `config.qformer.use_qformer_text_input`)."""
         super().__init__()
         self.config = config
         self.language_model = build_language_model(config)  # first: it refuses configs without an LLM
@@ -55,6 +69,12 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer.hidden_size))
         self.qformer = QFormerModel(config.qformer)
         self.language_projection = nn.Linear(config.qformer.hidden_size, config.text.hidden_size)
+        if qformer_text_embeddings is None:
+            qformer_text_embeddings = config.qformer.use_qformer_text_input
+        if qformer_text_embeddings and not config.qformer.use_qformer_text_input:
+            raise ValueError("qformer_text_embeddings=True needs a Q-Former that takes text "
+                             "(qformer_config.use_qformer_text_input is False)")
+        self.embeddings = QFormerTextEmbeddings(config.qformer) if qformer_text_embeddings else None
 
     # ------------------------------------------------------------------ features
     @property
@@ -68,17 +88,45 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.vision_model.check_pixels(pixel_values, interpolate_pos_encoding)
         return self.vision_model(pixel_values.to(self.device), interpolate_pos_encoding)
 
-    def _queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        q = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(q, q.shape[1], "bidirectional", image_embeds=image_embeds)  # (B, Q, Eq)
+    def _queries(self, image_embeds: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Query outputs (B, Q, Eq); with question tokens (B, T) both run in the bidirectional
+        mode under the question's padding mask. Shape checks only: no host synchronisation."""
+        B = image_embeds.shape[0]
+        q = self.query_tokens.expand(B, -1, -1)
+        Q = q.shape[1]
+        if qformer_input_ids is None:
+            if qformer_attention_mask is not None:
+                raise ValueError("qformer_attention_mask was given without qformer_input_ids")
+            return self.qformer(q, Q, "bidirectional", image_embeds=image_embeds)
+        if self.embeddings is None:
+            why = ("its Q-Former takes no text (qformer_config.use_qformer_text_input is False)"
+                   if not self.config.qformer.use_qformer_text_input else
+                   "it was loaded from a checkpoint without Q-Former text embeddings (embeddings.word_embeddings / "
+                   "embeddings.position_embeddings; transformers' Blip2ForConditionalGeneration writes none): "
+                   "copy them in from a stage-1 or retrieval checkpoint of the same Q-Former")
+            raise ValueError(f"qformer_input_ids given, but this model cannot condition the Q-Former on text: {why}")
+        if qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != B:
+            raise ValueError(f"qformer_input_ids must be (batch={B}, length), got {tuple(qformer_input_ids.shape)}")
+        ids = qformer_input_ids.to(q.device)
+        text_mask = torch.ones_like(ids) if qformer_attention_mask is None else qformer_attention_mask.to(q.device)
+        if text_mask.shape != ids.shape:
+            raise ValueError(f"qformer_attention_mask {tuple(text_mask.shape)} does not match qformer_input_ids "
+                             f"{tuple(ids.shape)}")
+        hidden = torch.cat([q, self.embeddings(ids).to(q.dtype)], 1)  # (B, Q + T, Eq)
+        mask = torch.cat([text_mask.new_ones(B, Q), text_mask], 1)  # queries are never padding
+        return self.qformer(hidden, Q, "bidirectional", key_padding_mask=mask, image_embeds=image_embeds)[:, :Q]
 
-    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def get_qformer_features(self, pixel_values, interpolate_pos_encoding: bool = False,
+                             qformer_input_ids=None, qformer_attention_mask=None) -> torch.Tensor:
         """The Q-Former's last hidden states for the queries, (B, Q, E_qformer)."""
-        return self._queries(self._vision(pixel_values, interpolate_pos_encoding))
+        return self._queries(self._vision(pixel_values, interpolate_pos_encoding), qformer_input_ids,
+                             qformer_attention_mask)
 
-    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False) -> ImageFeatures:
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False, qformer_input_ids=None,
+                           qformer_attention_mask=None) -> ImageFeatures:
         image_embeds = self._vision(pixel_values, interpolate_pos_encoding)
-        query_out = self._queries(image_embeds)
+        query_out = self._queries(image_embeds, qformer_input_ids, qformer_attention_mask)
         prompt = self.language_projection(query_out.to(self.language_projection.weight.dtype))
         return ImageFeatures(image_embeds, query_out, prompt)
 
@@ -126,8 +174,10 @@ class Blip2ForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, decoder_input_ids=None,
-                decoder_attention_mask=None, interpolate_pos_encoding: bool = False) -> Blip2Output:
-        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+                decoder_attention_mask=None, interpolate_pos_encoding: bool = False, qformer_input_ids=None,
+                qformer_attention_mask=None) -> Blip2Output:
+        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding, qformer_input_ids,
+                                         qformer_attention_mask).pooler_output
         embeds, mask = self.merge_prompt(prompt, input_ids, attention_mask)
         lm = self.language_model
         if self.config.is_encoder_decoder:
@@ -146,7 +196,8 @@ class Blip2ForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, interpolate_pos_encoding: bool = False,
-                 generator: torch.Generator | None = None, **generate_kwargs) -> torch.LongTensor:
+                 generator: torch.Generator | None = None, qformer_input_ids=None, qformer_attention_mask=None,
+                 **generate_kwargs) -> torch.LongTensor:
         """Token ids as transformers returns them: for decoder-only LLMs the prompt ids followed by
         the new tokens, for encoder-decoder LLMs the decoder start token then the new tokens."""
         from ..generation import GenerationConfig, generate_tokens
@@ -154,7 +205,8 @@ class Blip2ForConditionalGeneration(nn.Module):
         text_cfg = self.config.text
         generate_kwargs.setdefault("eos_token_id", text_cfg.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", text_cfg.pad_token_id)
-        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding).pooler_output
+        prompt = self.get_image_features(pixel_values, interpolate_pos_encoding, qformer_input_ids,
+                                         qformer_attention_mask).pooler_output
         B, Q, _ = prompt.shape
         if input_ids is None and not self.config.is_encoder_decoder:
             start = [text_cfg.bos_token_id]
@@ -182,10 +234,19 @@ class Blip2ForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, **kwargs) -> "Blip2ForConditionalGeneration":
-        """Load a transformers BLIP-2 folder or hub id. See `blip2_fast.loading.load_pretrained`."""
-        from ..loading import load_pretrained
-        return load_pretrained(cls, path_or_hub_id, **kwargs)
+    def from_pretrained(cls, path_or_hub_id: str, revision: str | None = None, token: str | None = None,
+                        **kwargs) -> "Blip2ForConditionalGeneration":
+        """Load a transformers BLIP-2 folder or hub id. See `blip2_fast.loading.load_pretrained`.
+
+        A Q-Former that takes text gets `embeddings` only if the checkpoint holds them: a folder
+        written by transformers' Blip2ForConditionalGeneration has none and still loads."""
+        from ..loading import load_pretrained, resolve_folder
+        folder = resolve_folder(path_or_hub_id, revision, token)
+        text_embeddings = None
+        if _reads_qformer_text(folder):
+            keys = _checkpoint_keys(folder)
+            text_embeddings = all(k in keys for k in TEXT_EMBEDDING_KEYS)
+        return load_pretrained(lambda config: cls(config, qformer_text_embeddings=text_embeddings), folder, **kwargs)
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
         from ..loading import save_pretrained
@@ -195,3 +256,29 @@ class Blip2ForConditionalGeneration(nn.Module):
         tie = getattr(self.language_model, "tie_weights", None)
         if tie is not None:
             tie()
+
+
+def _reads_qformer_text(folder: str) -> bool:
+    import json
+    import os
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False  # load_pretrained names the missing or broken config.json
+    return isinstance(d, dict) and bool((d.get("qformer_config") or {}).get("use_qformer_text_input", False))
+
+
+def _checkpoint_keys(folder: str) -> set[str]:
+    """Tensor names of a folder's checkpoint, from the safetensors headers (no tensor is read;
+    a torch pickle is opened with mmap)."""
+    from ..loading import _weight_files, iter_checkpoint
+    keys: set[str] = set()
+
+    def note(key: str) -> bool:
+        keys.add(key)
+        return False  # never read the tensor
+
+    for _ in iter_checkpoint(_weight_files(folder), want=note):
+        pass
+    return keys

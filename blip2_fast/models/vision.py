@@ -112,6 +112,17 @@ class VisionModel(nn.Module):
         self.encoder = VisionEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each layer in the backward pass (training the ViT: caption finetuning at
+        364 px has 677 tokens per image). Active only in train mode with grad enabled, as in
+        `QFormerModel`; the flag lives on the encoder, which runs the layers."""
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.encoder.gradient_checkpointing = bool(value)
+
     def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
         """Clear errors for the inputs users most often get wrong."""
         if not isinstance(pixel_values, torch.Tensor):
