@@ -3,6 +3,7 @@
     blip2-fast caption IMG... --model FOLDER_OR_HUB_ID [--prompt "a photo of"] [--json]
     blip2-fast vqa IMG --question "what is this?" --model ...
     blip2-fast chat IMG --model ...        (questions from stdin; EOF or 'exit' ends)
+    blip2-fast train --stage 1|2|caption|vqa --model FOLDER --data FILE ...   (see training/cli.py)
 
 Inputs are built as transformers' `Blip2Processor` builds them (same pixels, same ids: the
 tokenised prompt, left-padded, behind `num_query_tokens` image placeholders), so outputs are
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="results printed per query")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache", metavar="FILE.safetensors", help="gallery feature cache, reused for the same model")
+    from .training.cli import add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -289,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     from .retrieval import retrieve_main
+    from .training.cli import train_main
+    from .training.data import DataError
 
-    command = {"caption": caption, "vqa": vqa, "chat": chat,
-               "retrieve": lambda **kw: retrieve_main(kw)}[args.pop("command")]
+    command = {"caption": caption, "vqa": vqa, "chat": chat, "retrieve": lambda **kw: retrieve_main(kw),
+               "train": lambda **kw: train_main(kw)}[args.pop("command")]
     try:
         return command(**args)
-    except (CLIError, ImageError, CheckpointError, ConfigError) as err:
+    except (CLIError, ImageError, CheckpointError, ConfigError, DataError) as err:
         print(f"blip2-fast: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -32,6 +32,33 @@ def make_tokenizer(vocab_extra: int = 0):
                                    unk_token="<unk>", padding_side="left")
 
 
+QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+
+
+def make_qformer_tokenizer(folder: str | None = None):
+    """A BERT-style word-level tokenizer for the Q-Former: "[CLS] text [SEP]", [PAD]=0, [DEC]=5,
+    lower-cased, covering every word of the world of shapes. Saved to `folder` when given."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from .world import COLORS, SHAPES
+
+    words = list(WORDS) + list(COLORS) + list(SHAPES) + ["are", "tiny", "big"]
+    vocab = {t: i for i, t in enumerate(QFORMER_SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", additional_special_tokens=["[DEC]"],
+                                   padding_side="right")
+    if folder is not None:
+        fast.save_pretrained(folder)
+    return fast
+
+
 def hf_config(text: str = "opt", num_query_tokens: int = 5, vision_heads: int = 4, qformer_heads: int = 3,
               qformer_layers: int = 3, cross_attention_frequency: int = 2, image_size: int = 28,
               use_qformer_text_input: bool = True, vocab_size: int = 120, image_token_index: int | None = None,
@@ -103,5 +130,5 @@ def random_pixels(batch: int, size: int = 28, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["make_tokenizer", "hf_config", "randomize_", "make_tiny_folder", "random_pixels"]
+__all__ = ["make_tokenizer", "make_qformer_tokenizer", "hf_config", "randomize_", "make_tiny_folder", "random_pixels"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -99,10 +99,21 @@ def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torc
 
     logits (B, T-1, V): the LM head at text positions 0..T-2; target of position t is
     input_ids[:, t+1]; padded targets are ignored (-100). Mean over the real target tokens.
+    Across data-parallel ranks the mean is over the tokens of all ranks (the local sum divided
+    by the global count, times the world size, so that DDP's gradient averaging yields the
+    gradient of the global mean): 2 processes x batch B then equal 1 process x batch 2B even
+    when the ranks hold different numbers of tokens. The count is all-reduced on the device.
     """
     labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    _, size = world()
+    if size == 1:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=label_smoothing)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=label_smoothing,
+                            reduction="sum")
+    count = (flat_labels != -100).sum().to(total.dtype)
+    dist.all_reduce(count)
+    return total * size / count.clamp_min(1)
 
 
 __all__ = ["world", "gather_with_grad", "itc_similarities", "itc_loss", "sample_negatives", "itg_loss"]

@@ -1,0 +1,274 @@
+"""The training loop: explicit and short, the same for every stage (the stage lives in `tasks`).
+
+One optimiser step = `grad_accum` micro-batches of `batch_size` per process:
+  lr from the warm-up + cosine schedule -> forward under autocast (bf16, or fp16 with loss
+  scaling) -> backward (DDP synchronises gradients on the last micro-batch only) -> non-finite
+  guard -> optional clipping -> AdamW step.
+The guard costs one host synchronisation per optimiser step (the same one GradScaler makes):
+a step whose gradients are not finite is skipped and counted, and a warning names it. Losses are
+accumulated on the device and read only every `log_every` steps.
+
+Exact resume: the checkpoint holds the step, weights, optimiser, scaler, sampler position and all
+random generators; augmentation depends only on (seed, epoch, sample index); the DataLoader draws
+its worker seeds from its own generator (not the global one), so a resumed run consumes random
+numbers exactly as the uninterrupted one did.
+
+Distributed: launched by torchrun (WORLD_SIZE set) or inside an initialised process group, the
+model is wrapped in DDP (NCCL on GPUs, gloo on CPUs); each rank reads its shard of every global
+batch. `distributed: fsdp` shards the trainable part with FSDP instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (FORMAT, check_fingerprint, load_checkpoint, model_fingerprint, rng_state, save_atomic,
+                         set_rng_state)
+from .metrics import MetricsLogger, peak_memory_mb
+from .optim import WarmupCosine, build_optimizer
+from .train_config import TrainConfig
+
+log = logging.getLogger("blip2_fast.train")
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_itg")
+
+
+class Run:
+    """Process-group facts: rank, world size, device."""
+
+    def __init__(self, cfg: TrainConfig):
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        want = cfg.distributed != "none" and (env_world > 1 or (dist.is_available() and dist.is_initialized()))
+        cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
+        if want and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.distributed = want
+        self.rank = dist.get_rank() if want else 0
+        self.world = dist.get_world_size() if want else 1
+        local = int(os.environ.get("LOCAL_RANK", self.rank if want else 0))
+        if cfg.device:
+            self.device = torch.device(cfg.device)
+        else:
+            self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+
+
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, run: Run) -> torch.nn.Module:
+    if not run.distributed:
+        return model
+    if cfg.distributed == "fsdp":
+        from .fsdp import wrap_fsdp
+        return wrap_fsdp(model, run.device)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    all_used = cfg.stage != "1" or (cfg.use_itc and cfg.use_itm and cfg.use_itg)
+    return DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+               find_unused_parameters=not all_used)
+
+
+def _build_data(cfg: TrainConfig, task, run: Run):
+    from ..images import ImageSpec
+    from .data import ImageTransform, PairDataset, ResumableSampler, TextCollator, make_loader, read_records
+
+    records, skips = read_records(cfg.data, task="vqa" if cfg.stage == "vqa" else "caption")
+    if skips.total:
+        skips.log(log)
+    spec = ImageSpec.from_folder(task.folder, task.image_size)
+    size = cfg.image_size or task.image_size
+    transform = ImageTransform(size, train=cfg.augment, hflip=cfg.hflip, mean=spec.image_mean, std=spec.image_std)
+    dataset = PairDataset(records, transform, seed=cfg.seed)
+    sampler = ResumableSampler(len(dataset), seed=cfg.seed, shuffle=True, rank=run.rank, world_size=run.world,
+                               drop_last=True, batch_size=cfg.batch_size)
+    loader = make_loader(dataset, sampler, cfg.batch_size, num_workers=cfg.num_workers, collate_fn=TextCollator(),
+                         pin_memory=run.device.type == "cuda")
+    return dataset, sampler, loader, skips.total
+
+
+class Batches:
+    """Endless micro-batches across epochs; the sampler position is advanced only for batches
+    actually trained on (a DataLoader prefetches ahead)."""
+
+    def __init__(self, dataset, sampler, loader):
+        self.dataset, self.sampler, self.loader = dataset, sampler, loader
+        self.it = None
+
+    def next(self) -> dict:
+        for _ in range(2):
+            if self.it is None:
+                self.dataset.set_epoch(self.sampler.state_dict()["epoch"])
+                self.it = iter(self.loader)
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                self.it = None
+                self.sampler.set_epoch(self.sampler.state_dict()["epoch"] + 1)
+                continue
+            self.sampler.advance(len(batch["texts"]))
+            return batch
+        raise RuntimeError("the data set yields no full batch: fewer samples per process than batch_size")
+
+
+def _to_device(kwargs: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())  # the one host sync per step
+
+
+def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
+    """Run (or resume) training as `cfg` says; returns a summary. `stop_after_step` ends the run
+    early after that step's checkpoint (what a preempted job looks like, for tests)."""
+    from tqdm import tqdm
+
+    from .tasks import build_task
+
+    run = Run(cfg)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts it)
+    task = build_task(cfg, run.device)
+    dataset, sampler, loader, skipped_records = _build_data(cfg, task, run)
+    named = task.trainable_parameters()
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg.lr, cfg.weight_decay, cfg.betas)
+    schedule = WarmupCosine(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.warmup_lr, cfg.min_lr)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    generators = {"negatives": torch.Generator(run.device).manual_seed(cfg.seed * 1000 + run.rank),
+                  **getattr(task, "generators", {})}
+    if hasattr(task, "prepare"):
+        task.prepare(dataset, run)
+    torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank from here on
+    fingerprint = model_fingerprint({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
+    counters = {"skipped_steps": 0, "skipped_records": skipped_records, "truncated_texts": 0}
+
+    start = 0
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    resume = os.path.join(ckpt_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and (cfg.resume != "auto" or os.path.exists(resume)):
+        state = load_checkpoint(resume)
+        check_fingerprint(state["fingerprint"], fingerprint, resume)
+        task.load_trainable_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        rngs = state["rng"]
+        if len(rngs) != run.world:
+            raise ValueError(f"{resume}: saved by {len(rngs)} processes, resumed with {run.world}; "
+                             f"exact resume needs the same number")
+        set_rng_state(rngs[run.rank], generators)
+        start, counters = state["step"], state["counters"]
+        if run.main:
+            log.info("resumed from %s at step %d", resume, start)
+
+    model = _wrap(task.model, cfg, run)
+    model.train()
+    metrics = MetricsLogger(cfg.out, run.main, cfg.tensorboard, append=start > 0)
+    batches = Batches(dataset, sampler, loader)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"stage {cfg.stage}", unit="step",
+               disable=not (cfg.progress and run.main), dynamic_ncols=True)
+    sums = {}
+    window_start, window_steps, last = time.perf_counter(), 0, {}
+    samples_per_step = cfg.batch_size * cfg.grad_accum * run.world
+
+    for step in range(start, cfg.steps):
+        lr = schedule.apply(optimizer, step)
+        for micro in range(cfg.grad_accum):
+            batch = batches.next()
+            kwargs, truncated = task.inputs(batch, generators["negatives"])
+            counters["truncated_texts"] += truncated
+            counters["skipped_records"] += int(batch.get("skipped", 0))
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with _autocast(cfg, run.device):
+                    out = model(**_to_device(kwargs, run.device))
+                scaler.scale(out["loss"] / cfg.grad_accum).backward()
+            for k in LOSS_KEYS:
+                if k in out:
+                    sums[k] = sums.get(k, 0) + out[k].detach().float() / cfg.grad_accum
+        scaler.unscale_(optimizer)
+        finite = _grads_finite(params)
+        if finite and cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.precision == "fp16":
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skips the step itself when gradients overflowed
+            scaler.update()
+        elif finite:
+            optimizer.step()
+        if not finite:
+            counters["skipped_steps"] += 1
+            log.warning("step %d skipped: non-finite gradients%s", step + 1,
+                        f" (fp16 loss scale {scale:g} lowered)" if cfg.precision == "fp16" else "")
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+        bar.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            if run.distributed:  # report the mean over ranks, not rank 0's share
+                for v in sums.values():
+                    dist.all_reduce(v)
+                sums = {k: v / run.world for k, v in sums.items()}
+            values = {k: v.item() / window_steps for k, v in sums.items()}  # log-time sync only
+            last = {"step": done, "lr": lr, **values,
+                    "samples_per_s": samples_per_step * window_steps / max(elapsed, 1e-9),
+                    "peak_mem_mb": peak_memory_mb(run.device), **counters}
+            metrics.write(last)
+            bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{lr:.2e}",
+                            sps=f"{last['samples_per_s']:.1f}", mem=f"{last['peak_mem_mb']:.0f}MB")
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+        stopping = stop_after_step is not None and done >= stop_after_step
+        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+            _save(cfg, run, task, optimizer, scaler, sampler, generators, done, counters, fingerprint)
+        if stopping:
+            break
+
+    bar.close()
+    metrics.close()
+    exported = None
+    if cfg.export and run.main and (stop_after_step is None or stop_after_step >= cfg.steps):
+        from .export import export_folder
+        exported = export_folder(task.folder, task.trainable_state_dict(), os.path.join(cfg.out, "model"),
+                                 task.export_config())
+    if run.distributed:
+        dist.barrier()
+    return {"last": last, "counters": counters, "exported": exported, "task": task}
+
+
+def _save(cfg, run, task, optimizer, scaler, sampler, generators, step, counters, fingerprint) -> None:
+    rng = rng_state(generators)
+    rngs = [None] * run.world if run.distributed else [rng]
+    if run.distributed:
+        dist.all_gather_object(rngs, rng)
+    if not run.main:
+        return
+    state = {"format": FORMAT, "fingerprint": fingerprint, "step": step, "config": cfg.to_dict(),
+             "trainable": {k: v.detach().cpu() for k, v in task.trainable_state_dict().items()},
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
+             "rng": rngs, "counters": dict(counters)}
+    save_atomic(state, os.path.join(cfg.out, "checkpoints", "last.pt"))
+
+
+__all__ = ["train", "Run"]
