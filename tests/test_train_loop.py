@@ -102,7 +102,7 @@ def test_losses_fall_and_itc_accuracy_rises(tmp_path_factory, tmp_path):
     folder = tmp_path / "model"
     make_stage1_folder(str(folder), linear_vision=True)
     out = tmp_path / "run"
-    result = train(config(str(folder), data, out, steps=150, batch_size=16, lr=3e-3, warmup_steps=5, log_every=15))
+    result = train(config(str(folder), data, out, steps=250, batch_size=16, lr=3e-3, warmup_steps=5, log_every=25))
     rows = read_metrics(str(out))
     for key in ("loss_itc", "loss_itm", "loss_itg"):
         assert rows[-1][key] < rows[0][key], (key, rows[0][key], rows[-1][key])
@@ -110,7 +110,7 @@ def test_losses_fall_and_itc_accuracy_rises(tmp_path_factory, tmp_path):
     trained = Blip2ForImageTextRetrieval.from_pretrained(result["exported"], skip_unused=True)
     untrained = Blip2ForImageTextRetrieval.from_pretrained(str(folder))
     acc_after, acc_before = itc_accuracy(trained, data), itc_accuracy(untrained, data)
-    assert acc_after >= max(4 * acc_before, 5 / 36), (acc_before, acc_after)  # measured: 0.04 -> 0.27
+    assert acc_after >= max(4 * acc_before, 5 / 36), (acc_before, acc_after)  # measured: 0.04 -> 0.32
 
 
 def itc_accuracy(model, jsonl):
