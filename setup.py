@@ -51,7 +51,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["blip2_fast", "blip2_fast.models", "blip2_fast.kernels"],
+    packages=["blip2_fast", "blip2_fast.models", "blip2_fast.training", "blip2_fast.miniature", "blip2_fast.kernels"],
     package_dir={"blip2_fast.kernels": "kernels"},
     package_data={"blip2_fast.kernels": ["csrc/*"]},
     install_requires=[
@@ -63,6 +63,8 @@ setup(
         "pillow>=9.0",
         "tqdm>=4.60",
         "huggingface_hub>=0.23",
+        "pyyaml>=6",
+        "tokenizers>=0.15",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],

@@ -69,3 +69,21 @@ def test_two_process_resume_is_exact(setup, tmp_path):
     run_two(tmp_path, "cut", stop_after=2, out=tmp_path / "cut", **common)
     run_two(tmp_path, "resumed", out=tmp_path / "cut", resume="auto", **common)
     assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
+
+
+def test_fsdp_equals_ddp_and_resumes(setup, tmp_path):
+    """FSDP (sharded trainable part) computes what DDP computes; its checkpoints are full tensors
+    that resume exactly and export like any other run."""
+    folder, data = setup
+    common = dict(folder=folder, data=data, steps=3, batch_size=4, use_itm=False)
+    run_two(tmp_path, "ddp", out=tmp_path / "ddp", export=False, **common)
+    run_two(tmp_path, "fsdp", out=tmp_path / "fsdp", distributed="fsdp", **common)
+    for a, b in zip(losses(str(tmp_path / "ddp")), losses(str(tmp_path / "fsdp"))):
+        assert a[1] == pytest.approx(b[1], rel=1e-5)
+    run_two(tmp_path, "cut", stop_after=2, out=tmp_path / "cut", distributed="fsdp", export=False, **common)
+    run_two(tmp_path, "res", out=tmp_path / "cut", distributed="fsdp", resume="auto", export=False, **common)
+    for a, b in zip(losses(str(tmp_path / "fsdp")), losses(str(tmp_path / "cut"))):
+        assert a[1] == pytest.approx(b[1], rel=1e-6)
+    state = load_checkpoint(str(tmp_path / "fsdp" / "checkpoints" / "last.pt"))["trainable"]
+    assert all(type(v) is torch.Tensor for v in state.values())  # full tensors, not shards
+    assert os.path.exists(tmp_path / "fsdp" / "model" / "model.safetensors")

@@ -127,12 +127,14 @@ def _to_device(kwargs: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
-def _grads_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack(norms)).all())  # the one host sync per step
+def _grads_finite(params, sharded: bool = False) -> bool:
+    """All gradients finite, on every rank (with FSDP each rank checks its own shards)."""
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else torch.tensor(True)
+    if sharded:
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)  # the one host sync per step
 
 
 def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
@@ -149,9 +151,6 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts it)
     task = build_task(cfg, run.device)
     dataset, sampler, loader, skipped_records = _build_data(cfg, task, run)
-    named = task.trainable_parameters()
-    params = [p for _, p in named]
-    optimizer = build_optimizer(named, cfg.lr, cfg.weight_decay, cfg.betas)
     schedule = WarmupCosine(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.warmup_lr, cfg.min_lr)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     generators = {"negatives": torch.Generator(run.device).manual_seed(cfg.seed * 1000 + run.rank),
@@ -162,14 +161,26 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
     fingerprint = model_fingerprint({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
     counters = {"skipped_steps": 0, "skipped_records": skipped_records, "truncated_texts": 0}
 
-    start = 0
+    start, state = 0, None
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     resume = os.path.join(ckpt_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
     if resume and (cfg.resume != "auto" or os.path.exists(resume)):
         state = load_checkpoint(resume)
         check_fingerprint(state["fingerprint"], fingerprint, resume)
-        task.load_trainable_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        task.load_trainable_state_dict(state["trainable"])  # before wrapping: plain tensors
+
+    model = _wrap(task.model, cfg, run)
+    sharded = cfg.distributed == "fsdp" and run.distributed
+    # built after wrapping: FSDP replaces the parameters by sharded ones
+    named = task.trainable_parameters()
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg.lr, cfg.weight_decay, cfg.betas)
+    if state is not None:
+        if sharded:
+            from .fsdp import load_full_state
+            load_full_state(model, optimizer, state["trainable"], state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         rngs = state["rng"]
@@ -181,7 +192,6 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
         if run.main:
             log.info("resumed from %s at step %d", resume, start)
 
-    model = _wrap(task.model, cfg, run)
     model.train()
     metrics = MetricsLogger(cfg.out, run.main, cfg.tensorboard, append=start > 0)
     batches = Batches(dataset, sampler, loader)
@@ -207,7 +217,7 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
                 if k in out:
                     sums[k] = sums.get(k, 0) + out[k].detach().float() / cfg.grad_accum
         scaler.unscale_(optimizer)
-        finite = _grads_finite(params)
+        finite = _grads_finite(params, sharded)
         if finite and cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if cfg.precision == "fp16":
@@ -241,32 +251,43 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
             sums, window_start, window_steps = {}, time.perf_counter(), 0
         stopping = stop_after_step is not None and done >= stop_after_step
         if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-            _save(cfg, run, task, optimizer, scaler, sampler, generators, done, counters, fingerprint)
+            _save(cfg, run, task, model, optimizer, scaler, sampler, generators, done, counters, fingerprint)
         if stopping:
             break
 
     bar.close()
     metrics.close()
     exported = None
-    if cfg.export and run.main and (stop_after_step is None or stop_after_step >= cfg.steps):
-        from .export import export_folder
-        exported = export_folder(task.folder, task.trainable_state_dict(), os.path.join(cfg.out, "model"),
-                                 task.export_config())
+    if cfg.export and (stop_after_step is None or stop_after_step >= cfg.steps):
+        trainable, _ = _trained_state(cfg, run, task, model, None)
+        if run.main:
+            from .export import export_folder
+            exported = export_folder(task.folder, trainable, os.path.join(cfg.out, "model"), task.export_config())
     if run.distributed:
         dist.barrier()
     return {"last": last, "counters": counters, "exported": exported, "task": task}
 
 
-def _save(cfg, run, task, optimizer, scaler, sampler, generators, step, counters, fingerprint) -> None:
+def _trained_state(cfg, run, task, model, optimizer) -> tuple[dict, dict | None]:
+    """Full trainable tensors (and the optimiser state) in the single-process layout."""
+    if cfg.distributed == "fsdp" and run.distributed:
+        from .fsdp import full_state
+        return full_state(model, optimizer, set(task.trainable_state_dict()))  # collective
+    return {k: v.detach().cpu() for k, v in task.trainable_state_dict().items()}, \
+        optimizer.state_dict() if optimizer is not None else None
+
+
+def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, counters, fingerprint) -> None:
     rng = rng_state(generators)
     rngs = [None] * run.world if run.distributed else [rng]
     if run.distributed:
         dist.all_gather_object(rngs, rng)
+    trainable, optim_state = _trained_state(cfg, run, task, model, optimizer)
     if not run.main:
         return
     state = {"format": FORMAT, "fingerprint": fingerprint, "step": step, "config": cfg.to_dict(),
-             "trainable": {k: v.detach().cpu() for k, v in task.trainable_state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
+             "trainable": trainable,
+             "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
              "rng": rngs, "counters": dict(counters)}
     save_atomic(state, os.path.join(cfg.out, "checkpoints", "last.pt"))
 
