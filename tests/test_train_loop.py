@@ -244,3 +244,27 @@ def test_export_loads_in_transformers(folder, world, tmp_path):
         assert torch.equal(ref[key].detach(), trained[key].cpu())
     start = HF.from_pretrained(folder)
     assert not torch.equal(dict(start.named_parameters())["itm_head.weight"], trained["itm_head.weight"].cpu())
+
+
+def test_bad_records_are_counted_and_logged(folder, world, tmp_path, caplog):
+    """A missing image, an empty caption and a corrupt image are skipped (counted, logged); a caption
+    over max_text_length is truncated and counted."""
+    root = os.path.dirname(world)
+    recs = [json.loads(line) for line in open(world)][:16]
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    rows = [{"image": os.path.join(root, r["image"]), "caption": r["caption"]} for r in recs]
+    rows[0]["caption"] = " ".join(["a small red circle on the left and"] * 6)  # 42 words
+    rows += [{"image": str(tmp_path / "missing.png"), "caption": "a small red circle"},
+             {"image": os.path.join(root, recs[1]["image"]), "caption": "   "},
+             {"image": str(tmp_path / "corrupt.png"), "caption": "a large blue star"}]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        result = train(config(folder, str(data), tmp_path / "run", steps=5, batch_size=4, max_text_length=12,
+                              export=False))
+    counters = result["counters"]
+    assert counters["skipped_records"] >= 2  # missing + empty at read time (+ corrupt each time it is drawn)
+    assert counters["truncated_texts"] >= 1
+    assert "missing image" in caplog.text and "empty text" in caplog.text
+    last = read_metrics(str(tmp_path / "run"))[-1]
+    assert last["truncated_texts"] == counters["truncated_texts"]

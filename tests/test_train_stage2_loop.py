@@ -114,3 +114,19 @@ def test_int8_llm_trains(world, tmp_path):
     trained = int8_run["task"].trainable_state_dict()["query_tokens"]
     assert not torch.equal(trained, start)  # gradients reached the queries through the int8 LLM
     assert float_run["task"].model.model.language_model is not int8_run["task"].model.model.language_model
+
+
+def test_caption_finetune_with_the_vision_encoder_at_a_higher_resolution(world, tmp_path):
+    """unfreeze_vision + image_size 42 (the model's is 28): positions interpolated, the ViT trained
+    with gradient checkpointing, the LLM untouched."""
+    from blip2_fast.models.blip2 import Blip2ForConditionalGeneration
+
+    folder = tmp_path / "model"
+    make_tiny_folder(str(folder))
+    result = train(config(str(folder), world, tmp_path / "run", stage="caption", steps=2, unfreeze_vision=True,
+                          image_size=42, grad_checkpointing=True))
+    trained = result["task"].trainable_state_dict()
+    start = Blip2ForConditionalGeneration.from_pretrained(str(folder)).state_dict()
+    assert not torch.equal(trained["vision_model.encoder.layers.0.mlp.fc1.weight"],
+                           start["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    assert not any(k.startswith("language_model.") for k in trained)

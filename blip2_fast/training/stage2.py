@@ -124,10 +124,12 @@ class Blip2Stage2(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:  # shape only: no isfinite() host read
             raise ValueError(f"pixel_values must be (batch, 3, height, width), got {tuple(pixel_values.shape)}")
         pixel_values = pixel_values.to(m.device)
+        # caption finetuning at a higher resolution (364 px in the paper): interpolated positions
+        interpolate = tuple(pixel_values.shape[-2:]) != (m.config.vision.image_size,) * 2
         if self.unfreeze_vision:
-            return m.vision_model(pixel_values)
+            return m.vision_model(pixel_values, interpolate)
         with torch.no_grad():
-            return m.vision_model(pixel_values)
+            return m.vision_model(pixel_values, interpolate)
 
     def _llm_inputs(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask):
         """Soft prompt (B, Q, E) into the text embeddings for the builder's layout."""
