@@ -79,10 +79,12 @@ def test_vqa_with_question_in_the_qformer(world, tmp_path):
     folder = tmp_path / "model"
     make_tiny_folder(str(folder))
     make_qformer_tokenizer(str(folder / "qformer_tokenizer"))
+    from blip2_fast.models.qformer import QFormerTextEmbeddings
+
     net = Blip2ForConditionalGeneration.from_pretrained(str(folder))
+    assert net.embeddings is None  # a transformers folder has no Q-Former text embeddings
     torch.manual_seed(0)
-    net.embeddings.word_embeddings.weight.data.normal_(0, 0.2)
-    net.embeddings.position_embeddings.weight.data.normal_(0, 0.2)
+    net.embeddings = QFormerTextEmbeddings(net.config.qformer)
     net.save_pretrained(str(folder))
     result = train(config(str(folder), world, tmp_path / "run", stage="vqa", steps=3))
     trained = result["task"].trainable_state_dict()

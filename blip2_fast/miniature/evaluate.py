@@ -1,0 +1,122 @@
+"""Judging the miniature BLIP-2 the way issue 7 states the bar, on freshly rendered scenes.
+
+- captioning: the generated caption parses back (`world.parse_caption`) to exactly the scene's
+  objects (size, colour, shape, left/right) — "all attributes right";
+- VQA: exact match of the generated answer with the world's answer, over every question the
+  world asks of each scene (`world.questions`);
+- retrieval: galleries of 100 scenes, each with its caption; text -> image and image -> text
+  recall@1 through the retrieval engine (ITC over all pairs, ITM rerank of the top k). Two
+  scenes can share a caption (background is not in it): every image with the query's caption
+  counts as correct for text -> image, every text equal to the image's caption for image -> text.
+
+Scenes come from `world.scene_rng(seed, i, "eval")`: a split never used for training.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import world
+
+EVAL_SPLIT = "eval"
+
+
+@dataclass
+class Scenes:
+    scenes: list
+    images: list          # PIL images
+    qa: list              # per scene: [(question, answer), ...]
+
+
+def render_scenes(n: int, seed: int, resolution: int = 64, split: str = EVAL_SPLIT) -> Scenes:
+    scenes, images, qa = [], [], []
+    for i in range(n):
+        rng = world.scene_rng(seed, i, split)
+        scene = world.sample_scene(rng)
+        scenes.append(scene)
+        images.append(world.render(scene, resolution, rng))
+        qa.append(world.questions(scene, rng))
+    return Scenes(scenes, images, qa)
+
+
+def _pixels(engine, images):
+    from ..images import preprocess
+    return preprocess(images, engine.spec).to(engine.model.device)
+
+
+def caption_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> tuple[float, list[str], float]:
+    """(fraction of captions with every attribute right, the captions, images/s)."""
+    from ..cli import DEFAULTS, Settings
+
+    s = Settings(**{**DEFAULTS["caption"], **settings})
+    captions, start = [], time.perf_counter()
+    for i in range(0, len(data.images), batch_size):
+        chunk = data.images[i:i + batch_size]
+        captions += engine.generate(_pixels(engine, chunk), [""] * len(chunk), s)
+    rate = len(captions) / (time.perf_counter() - start)
+    ok = [world.caption_attributes_correct(c, sc) for c, sc in zip(captions, data.scenes)]
+    return sum(ok) / len(ok), captions, rate
+
+
+def vqa_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> tuple[float, list, float]:
+    """(exact-match fraction over all questions, [(question, answer, predicted)], questions/s)."""
+    from ..cli import DEFAULTS, Settings
+
+    s = Settings(**{**DEFAULTS["vqa"], **settings})
+    items = [(img, q, a) for img, pairs in zip(data.images, data.qa) for q, a in pairs]
+    out, start = [], time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prompts = [engine.template.format(q) for _, q, _ in chunk]
+        preds = engine.generate(_pixels(engine, [c[0] for c in chunk]), prompts, s)
+        out += [(q, a, p) for (_, q, a), p in zip(chunk, preds)]
+    rate = len(out) / (time.perf_counter() - start)
+    return sum(p.strip().lower() == a for _, a, p in out) / len(out), out, rate
+
+
+def retrieval_recall(retriever, data: Scenes, gallery: int = 100, k: int = 16) -> dict:
+    """Mean text->image and image->text recall@1 over consecutive galleries of `gallery` scenes."""
+    from ..images import preprocess
+    from ..retrieval import recall_at_k
+
+    t2i, i2t, n_img, start = [], [], 0, time.perf_counter()
+    for g in range(0, len(data.scenes) - gallery + 1, gallery):
+        scenes, images = data.scenes[g:g + gallery], data.images[g:g + gallery]
+        captions = [world.caption(s) for s in scenes]
+        pixels = preprocess(images, retriever.spec).to(retriever.model.device)
+        result = retriever.retrieve(retriever.encode_images(pixels), retriever.encode_texts(captions), k)
+        same = [[j for j, c in enumerate(captions) if c == cap] for cap in captions]
+        t2i.append(recall_at_k(result.text_to_image.indices, same, ks=(1,))[1])
+        i2t.append(recall_at_k(result.image_to_text.indices, same, ks=(1,))[1])
+        n_img += gallery
+    if not t2i:
+        raise ValueError(f"need at least {gallery} scenes for one gallery, got {len(data.scenes)}")
+    return {"text_to_image_r1": sum(t2i) / len(t2i), "image_to_text_r1": sum(i2t) / len(i2t),
+            "galleries": len(t2i), "images_per_s": n_img / (time.perf_counter() - start)}
+
+
+def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int = 12345,
+             device: str = "cpu", progress: bool = False) -> dict:
+    """Every metric of issue 7 for a generation folder (and a retrieval folder)."""
+    from ..cli import Engine
+
+    engine = Engine.load(folder, device=device)
+    resolution = engine.spec.height
+    data = render_scenes(n, seed, resolution)
+    with torch.no_grad():
+        cap, captions, cap_rate = caption_accuracy(engine, data)
+        vqa, answers, vqa_rate = vqa_accuracy(engine, data)
+    report = {"images": n, "seed": seed, "caption_accuracy": cap, "captions_per_s": cap_rate,
+              "vqa_accuracy": vqa, "questions": len(answers), "answers_per_s": vqa_rate,
+              "caption_examples": [(world.caption(s), c) for s, c in zip(data.scenes[:5], captions[:5])],
+              "vqa_examples": answers[:5]}
+    if retrieval_folder:
+        from ..retrieval import Retriever
+        retriever = Retriever.from_pretrained(retrieval_folder, device=device, progress=progress)
+        report.update(retrieval_recall(retriever, data))
+    return report
+
+
+__all__ = ["Scenes", "render_scenes", "caption_accuracy", "vqa_accuracy", "retrieval_recall", "evaluate"]

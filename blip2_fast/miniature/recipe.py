@@ -1,0 +1,145 @@
+"""The whole miniature BLIP-2 from scratch, as the paper trains the real one (issue 7):
+
+  1. unimodal pretraining (`__main__.pretrain`): tokenizers, the ViT, the OPT-shaped LM, the
+     BERT-shaped text encoder, assembled into one initial BLIP-2 folder;
+  2. stage 1 (`blip2-fast train --stage 1`): frozen ViT, ITC + ITM + ITG;
+  3. stage 2 (`blip2-fast train --stage 2`): frozen ViT and LM, LM loss on the world's captions and
+     its "Question: {q} Answer: {a}" lines (the text the LM was pretrained on), frozen-ViT
+     features cached on disk (no augmentation in this world: flips and crops would falsify
+     "left", "right" and sizes);
+  4. a short VQA finetune (`blip2-fast train --stage vqa`): answer tokens only, question in the
+     LLM prompt. The question is not fed to the Q-Former so that transformers'
+     Blip2ForConditionalGeneration, which has no such input, computes exactly our answers;
+  5. the shipped folders: `blip2-shapes` (captioning, VQA, chat: the stage-4 model) and
+     `blip2-shapes-itm` (retrieval: the stage-1 Q-Former with its ITC/ITM heads, since stages 3-4
+     retrain the Q-Former for the LLM and BLIP-2 ships its retrieval model from stage 1 too);
+  6. evaluation on fresh seeds (`evaluate.evaluate`) and, with `ablation=True`, the paper's
+     ablation in miniature: stage 2 (+ the same VQA finetune) without stage 1.
+
+`python -m blip2_fast.miniature reproduce --out DIR [--ablation] [--quick]`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from .. import world
+
+# measured on a 2-core CPU; --quick shrinks everything to a smoke test
+FULL = dict(train_images=6000, stage1=dict(steps=1500, batch_size=64, lr=1e-3),
+            stage2=dict(steps=1500, batch_size=64, lr=1e-3), vqa=dict(steps=300, batch_size=64, lr=3e-4),
+            eval_images=200)
+QUICK = dict(train_images=64, stage1=dict(steps=3, batch_size=8, lr=1e-3), stage2=dict(steps=3, batch_size=8, lr=1e-3),
+             vqa=dict(steps=2, batch_size=8, lr=3e-4), eval_images=100)
+RETRIEVAL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def write_stage2_texts(train_jsonl: str, out: str) -> str:
+    """One record per caption and per "Question: q Answer: a" line of each training image."""
+    root = os.path.dirname(os.path.abspath(train_jsonl))
+    with open(train_jsonl, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        for line in f:
+            rec = json.loads(line)
+            image = os.path.join(root, rec["image"])
+            texts = [rec["caption"]] + [f"Question: {q['question']} Answer: {q['answer']}" for q in rec["questions"]]
+            for t in texts:
+                g.write(json.dumps({"image": image, "caption": t}) + "\n")
+    return out
+
+
+def _train(stage: str, model: str, data: str, out: str, seed: int, progress: bool, **kw) -> str:
+    """One `blip2-fast train` run (the console script's own entry point); returns the exported folder."""
+    from ..cli import main
+
+    argv = ["train", "--stage", stage, "--model", model, "--data", data, "--out", out, "--seed", str(seed),
+            "--log-every", "25", "--save-every", "500", "--warmup-steps", "50", "--min-lr", "1e-5"]
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
+    if not progress:
+        argv.append("--no-progress")
+    if main(argv) != 0:
+        raise RuntimeError(f"blip2-fast {' '.join(argv)} failed")
+    return os.path.join(out, "model")
+
+
+def write_retrieval_folder(stage1_model: str, qformer_tokenizer: str, out: str) -> str:
+    """The stage-1 model as a transformers Blip2ForImageTextRetrieval folder whose tokenizer is
+    the Q-Former's (what the retrieval engine and transformers' processor read)."""
+    from ..models.retrieval import Blip2ForImageTextRetrieval
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(stage1_model, skip_unused=True)
+    model.config.text = None  # no LLM in this folder
+    model.config.extra["architectures"] = ["Blip2ForImageTextRetrieval"]
+    model.save_pretrained(out)
+    for name in os.listdir(qformer_tokenizer):
+        shutil.copy2(os.path.join(qformer_tokenizer, name), os.path.join(out, name))
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        src = os.path.join(stage1_model, name)
+        if os.path.exists(src):
+            with open(src, encoding="utf-8") as f:
+                d = json.load(f)
+            d.pop("tokenizer", None)
+            with open(os.path.join(out, "preprocessor_config.json" if name == "processor_config.json" else name),
+                      "w", encoding="utf-8") as f:
+                json.dump(d.get("image_processor", d), f, indent=2)
+    return out
+
+
+def reproduce(out: str, quick: bool = False, seed: int = 0, ablation: bool = False, progress: bool = True,
+              pretrained: str | None = None) -> dict:
+    """Run the recipe into `out`; returns {"times", "final", "itm", "report", ("ablation")}.
+    `pretrained`: reuse a finished step-1 folder instead of pretraining again."""
+    from .__main__ import pretrain
+    from .evaluate import evaluate
+
+    sizes, times = (QUICK if quick else FULL), {}
+    t0 = time.perf_counter()
+    pre = pretrained or os.path.join(out, "pretrain")
+    if pretrained is None:
+        pretrain(pre, quick=quick, seed=seed, progress=progress)
+    times["unimodal pretraining"] = time.perf_counter() - t0
+    initial, qtok = os.path.join(pre, "initial"), os.path.join(pre, "qformer_tokenizer")
+
+    t = time.perf_counter()
+    data_dir = os.path.join(out, "data")
+    train_jsonl = world.generate_dataset(data_dir, sizes["train_images"], seed, resolution=64, split="train")
+    texts = write_stage2_texts(train_jsonl, os.path.join(data_dir, "stage2.jsonl"))
+    times["data"] = time.perf_counter() - t
+
+    def run_stage2_and_vqa(start: str, tag: str) -> str:
+        t = time.perf_counter()
+        s2 = _train("2", start, texts, os.path.join(out, f"stage2{tag}"), seed, progress, cache_features=True,
+                    **sizes["stage2"])
+        times[f"stage 2{tag}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        final = _train("vqa", s2, train_jsonl, os.path.join(out, f"vqa{tag}"), seed, progress,
+                       vqa_qformer_question=False, **sizes["vqa"])
+        times[f"vqa finetune{tag}"] = time.perf_counter() - t
+        return final
+
+    t = time.perf_counter()
+    s1 = _train("1", initial, train_jsonl, os.path.join(out, "stage1"), seed, progress, qformer_tokenizer=qtok,
+                **sizes["stage1"])
+    times["stage 1"] = time.perf_counter() - t
+    final = run_stage2_and_vqa(s1, "")
+    shipped = os.path.join(out, "blip2-shapes")
+    if os.path.exists(shipped):
+        shutil.rmtree(shipped)
+    shutil.copytree(final, shipped)
+    itm = write_retrieval_folder(s1, qtok, os.path.join(out, "blip2-shapes-itm"))
+    times["total training"] = time.perf_counter() - t0
+
+    result = {"times": times, "final": shipped, "itm": itm,
+              "report": evaluate(shipped, itm, n=sizes["eval_images"], progress=progress)}
+    if ablation:
+        no_s1 = run_stage2_and_vqa(initial, "-without-stage1")
+        result["ablation"] = evaluate(no_s1, None, n=sizes["eval_images"], progress=progress)
+    with open(os.path.join(out, "reproduce.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+__all__ = ["reproduce", "write_stage2_texts", "write_retrieval_folder", "FULL", "QUICK"]
