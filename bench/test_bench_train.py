@@ -53,7 +53,8 @@ losses (the last timed step's)}, ratio (ours samples/s / reference's), memory_ra
 reference peak), parity, paper_images_per_s_per_gpu and targets (CUDA stage 1), load_avg (CPU:
 1-minute load average, a shared machine's noise), rounds, quick.
 
-    pytest bench/test_bench_train.py --benchmark-only            (CPU: ~1-2 min at 3 rounds)
+    pytest bench/test_bench_train.py --benchmark-only -k stage1   (CPU: ~1 min per case on an idle 2-core
+                                                                 machine at 3 rounds; minutes when loaded)
     python bench/test_bench_train.py --rounds 3 [--stage 1|2] [--no-record]
 """
 from __future__ import annotations
