@@ -119,7 +119,7 @@ def _fold_vision_biases(pending: dict, out: dict) -> None:
 def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = None, device=None,
                     load_in_8bit: bool = False, quantization_config=None, revision: str | None = None,
                     token: str | None = None, qformer_dtype: torch.dtype | None = torch.float32,
-                    skip_unused: bool = False):
+                    skip_unused: bool = False, ignore: tuple[str, ...] = ()):
     """Build `cls` from a transformers BLIP-2 folder or hub id.
 
     dtype: weights' dtype (default float32; "auto" keeps the checkpoint's). The Q-Former and
@@ -128,6 +128,8 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
     skip_unused: checkpoint tensors `cls` has no place for are not read instead of being an
     error (a projection model loaded from a full retrieval folder, as transformers allows);
     missing keys are still an error.
+    ignore: checkpoint keys left unread on purpose, as prefixes ("itm_head.") or whole names
+    ("temp"): parts of a folder another class uses, which `cls` has no place for.
     """
     folder = resolve_folder(path_or_hub_id, revision, token)
     config_path = os.path.join(folder, "config.json")
@@ -162,11 +164,15 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
             loaded[k] = _convert(k, t, expected, dtype, device, qformer_dtype, quant)
 
     def used(key: str) -> bool:
+        if any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore):
+            return False
+        if not skip_unused:
+            return True
         if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
             return key[: -len("q_bias")] + "qkv.bias" in expected
         return key in expected
 
-    for key, tensor in iter_checkpoint(files, want=used if skip_unused else None):
+    for key, tensor in iter_checkpoint(files, want=used if skip_unused or ignore else None):
         if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
             pending[key] = tensor
             continue

@@ -203,3 +203,21 @@ def test_save_is_atomic_on_failure(tiny, tmp_path, monkeypatch):
         model.save_pretrained(str(target))
     assert open(target / "model.safetensors", "rb").read() == before
     assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+
+
+def test_stage1_heads_in_a_generation_folder_are_ignored_and_other_strays_are_not(tmp_path):
+    """One folder may carry the stage-1 heads beside the LLM (transformers ignores them); we
+    load it as the same model. Any other stray key is still an error naming it."""
+    make_tiny_folder(str(tmp_path))
+    plain = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    state = load_file(str(path))
+    extra = {"itm_head.weight": torch.randn(2, 36), "temp": torch.tensor(0.07),
+             "qformer_lm_head.dense.weight": torch.randn(36, 36), "vision_projection.weight": torch.randn(8, 36)}
+    save_file({**state, **extra}, str(path), metadata={"format": "pt"})
+    with_heads = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path))
+    a, b = plain.state_dict(), with_heads.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    save_file({**state, **extra, "qformer.stray.weight": torch.zeros(1)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected keys: qformer.stray.weight"):
+        Blip2ForConditionalGeneration.from_pretrained(str(tmp_path))

@@ -55,6 +55,9 @@ def build_language_model(config: Blip2Config) -> nn.Module:
     return T5LM(config.text)
 
 
+# a folder may also hold the stage-1 heads (one folder for captioning and retrieval, as the
+# miniature model ships its start folder): transformers' class ignores them, and so do we
+RETRIEVAL_ONLY_KEYS = ("vision_projection.", "text_projection.", "itm_head.", "qformer_lm_head.", "temp")
 TEXT_EMBEDDING_KEYS = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
 
 
@@ -246,6 +249,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         if _reads_qformer_text(folder):
             keys = _checkpoint_keys(folder)
             text_embeddings = all(k in keys for k in TEXT_EMBEDDING_KEYS)
+        kwargs.setdefault("ignore", RETRIEVAL_ONLY_KEYS)
         return load_pretrained(lambda config: cls(config, qformer_text_embeddings=text_embeddings), folder, **kwargs)
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
