@@ -100,13 +100,25 @@ class Engine:
         return len(self.tokenizer(prompt)["input_ids"]) + self.config.num_query_tokens
 
 
-def resolve_model(model: str | None) -> str:
-    """A local folder, or a hub id fetched through huggingface_hub; CLIError otherwise."""
+DEFAULT_MODELS = {"generation": "blip2-shapes", "retrieval": "blip2-shapes-itm"}
+
+
+def default_model(kind: str = "generation") -> str | None:
+    """The miniature BLIP-2 shipped inside the package (issue 7), or None if this install has none."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model", DEFAULT_MODELS[kind])
+    return folder if os.path.exists(os.path.join(folder, "config.json")) else None
+
+
+def resolve_model(model: str | None, kind: str = "generation") -> str:
+    """A local folder, or a hub id fetched through huggingface_hub; without one, the shipped
+    default model of that kind (captioning/VQA/chat, or retrieval); CLIError otherwise."""
     from .loading import CheckpointError, resolve_folder
 
     if not model:
-        raise CLIError("no model given: pass --model with a BLIP-2 folder or a hub id "
-                       "(e.g. --model Salesforce/blip2-opt-2.7b)")
+        model = default_model(kind)
+    if not model:
+        raise CLIError("no model given and this install ships no default model: pass --model with a BLIP-2 "
+                       "folder or a hub id (e.g. --model Salesforce/blip2-opt-2.7b)")
     if os.path.isdir(model):
         folder = model
     elif os.path.exists(model):
@@ -253,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2-fast", description="BLIP-2 captioning, VQA and chat.")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="BLIP-2 model folder or Hugging Face hub id (required for now)")
+    common.add_argument("--model", help="BLIP-2 model folder or Hugging Face hub id (default: the shipped "
+                                        "miniature model of the world of shapes)")
     common.add_argument("--beams", type=int, help="beam count (default 5)")
     common.add_argument("--max-new-tokens", type=int, help="caption/chat 30, vqa 10")
     common.add_argument("--min-new-tokens", type=int, help="default 0")

@@ -372,7 +372,7 @@ def retrieve_main(args) -> int:
         paths, texts = list_images(a["images"]), read_texts(a["texts"])  # before loading the model
         device = a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = a.get("dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
-        engine = Retriever.from_pretrained(resolve_model(a.get("model")), dtype=dtype, device=device,
+        engine = Retriever.from_pretrained(resolve_model(a.get("model"), "retrieval"), dtype=dtype, device=device,
                                            batch_size=batch)
         result = engine.retrieve(engine.encode_images(paths, cache=a.get("cache")), engine.encode_texts(texts), k)
     except RetrievalError as err:

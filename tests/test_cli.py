@@ -198,7 +198,9 @@ def test_chat_reads_two_questions(tiny, models, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- errors
-def test_errors_exit_2_with_a_message(tiny, capsys, tmp_path):
+def test_errors_exit_2_with_a_message(tiny, capsys, tmp_path, monkeypatch):
+    import blip2_fast.cli as cli
+    monkeypatch.setattr(cli, "default_model", lambda kind="generation": None)  # an install without one
     bad = tmp_path / "bad.png"
     bad.write_text("this is text")
     no_tokenizer = tmp_path / "weights_only"
