@@ -87,3 +87,26 @@ def test_fsdp_equals_ddp_and_resumes(setup, tmp_path):
     state = load_checkpoint(str(tmp_path / "fsdp" / "checkpoints" / "last.pt"))["trainable"]
     assert all(type(v) is torch.Tensor for v in state.values())  # full tensors, not shards
     assert os.path.exists(tmp_path / "fsdp" / "model" / "model.safetensors")
+
+
+def _stage2_worker(rank, world, init_file, kwargs):
+    from test_train_stage2_loop import config as config2
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train(config2(**kwargs))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage2_under_fsdp_equals_ddp(setup, tmp_path):
+    from blip2_fast.testing import make_tiny_folder
+
+    _, data = setup
+    folder = tmp_path / "model"
+    make_tiny_folder(str(folder))
+    for mode in ("ddp", "fsdp"):
+        kw = dict(folder=str(folder), data=data, out=tmp_path / mode, steps=2, batch_size=4, export=False,
+                  distributed=mode)
+        mp.spawn(_stage2_worker, args=(2, str(tmp_path / f"init2_{mode}"), kw), nprocs=2, join=True)
+    for a, b in zip(losses(str(tmp_path / "ddp")), losses(str(tmp_path / "fsdp"))):
+        assert a[1] == pytest.approx(b[1], rel=1e-5)

@@ -1,8 +1,9 @@
 """FSDP for the trainable part (`distributed: fsdp`), with PyTorch's per-parameter sharding
 (`torch.distributed.fsdp.fully_shard`, "FSDP2").
 
-Units: the (frozen) image encoder, the LLM when there is one, and the root: the Q-Former, query
-tokens, projections and heads. Each rank keeps 1/world of each unit's parameters, gradients and
+Units: the (frozen) image encoder, and the root: the Q-Former, query tokens, projections, heads
+and the LLM (whose input embeddings are looked up outside its forward, where a unit of its own
+would not be gathered). Each rank keeps 1/world of each unit's parameters, gradients and
 AdamW moments between steps; a unit's full weights exist only while it runs. The Q-Former is one
 unit, not one per layer, because its image K/V are computed by a method (`qformer.image_kv`,
 shared by the query pass, ITM and ITG) outside any layer's forward, where FSDP would not have
@@ -21,7 +22,7 @@ from torch import nn
 
 def _units(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", model)  # Blip2Stage2 wraps the model; Blip2Stage1 is it
-    return [getattr(inner, n) for n in ("vision_model", "language_model") if getattr(inner, n, None) is not None]
+    return [inner.vision_model]
 
 
 def _average_grad(p: torch.Tensor) -> None:
