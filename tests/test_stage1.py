@@ -346,3 +346,62 @@ def test_itc_across_two_ranks_equals_the_full_batch(tmp_path):
             assert name not in got["grads"], name
         elif not name.endswith("key.bias"):  # zero in exact arithmetic (see above)
             assert (got["grads"][name] - p.grad).norm() <= 1e-5 * p.grad.norm(), name
+
+
+def _all_losses_rank(rank, world_size, init_file, out_file):
+    """One rank, half the batch, all three losses; negatives drawn from the global batch."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model()
+        pixels, ids, mask = batch()
+        n = B // world_size
+        sl = slice(rank * n, (rank + 1) * n)
+        out = model(pixels[sl], ids[sl], mask[sl], generator=torch.Generator().manual_seed(10 + rank))
+        out["loss"].backward()
+        grads = {}
+        for name, p in trainable(model):
+            if p.grad is not None:
+                g = p.grad.clone()
+                dist.all_reduce(g)
+                grads[name] = g / world_size
+        negs = torch.stack([out["neg_text_index"], out["neg_image_index"]])
+        parts = [torch.empty_like(negs) for _ in range(world_size)]
+        dist.all_gather(parts, negs)
+        losses = torch.stack([out[k].detach() for k in ("loss_itc", "loss_itm", "loss_itg")])
+        dist.all_reduce(losses)
+        if rank == 0:
+            torch.save({"losses": losses / world_size, "grads": grads, "negs": torch.cat(parts, 1)}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_losses_across_two_ranks_equal_the_reference_on_the_full_batch(tmp_path):
+    """With ITM negatives drawn across ranks (global indices), the mean over ranks of each loss and
+    the DDP-averaged gradients equal the eager reference on the whole batch with those negatives;
+    at least one negative comes from the other rank's half, which a local-only draw never gives."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_file = tmp_path / "rank0.pt"
+    mp.spawn(_all_losses_rank, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    got = torch.load(out_file)
+    neg_text, neg_image = got["negs"]
+    half = torch.arange(B) // (B // 2)
+    assert ((neg_text // (B // 2)) != half).any() or ((neg_image // (B // 2)) != half).any()
+    assert not (neg_text == torch.arange(B)).any() and not (neg_image == torch.arange(B)).any()
+    model = tiny_model()
+    pixels, ids, mask = batch()
+    ref = reference(model, pixels, ids, mask, neg_text, neg_image)
+    for i, key in enumerate(("loss_itc", "loss_itm", "loss_itg")):
+        assert abs(got["losses"][i].item() - ref[key].item()) <= 1e-5 * max(1.0, ref[key].item()), key
+    names, params = zip(*trainable(model))
+    grads = torch.autograd.grad(ref["loss"], params, allow_unused=True)
+    for name, g in zip(names, grads):
+        if g is None:
+            continue
+        assert name in got["grads"], name
+        if not name.endswith("key.bias"):  # zero in exact arithmetic
+            assert (got["grads"][name] - g).norm() <= 1e-5 * max(g.norm(), 1e-6), name

@@ -73,24 +73,36 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, rank: int = 0,
 
 
 @torch.no_grad()
-def sample_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator: torch.Generator | None = None,
+                     offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives for ITM, one draw per row, all on the device.
 
-    sim_i2t, sim_t2i: (B, B) similarities over the temperature, positives on the diagonal.
+    sim_i2t (B, N): this rank's images against all N texts; sim_t2i (B, N): this rank's texts
+    against all N images (similarities over the temperature). Row b's positive is column
+    offset + b (offset = rank * B when N gathers every rank's batch; N = B, offset 0 alone).
     Row b is drawn with probability softmax(sim[b]) restricted to the other columns (the
-    diagonal is set to -inf before the softmax, which renormalises over the negatives).
-    Returns (neg_text (B,): a text index for each image, neg_image (B,): an image index for each text).
+    positive is set to -inf before the softmax, which renormalises over the negatives).
+    Returns (neg_text (B,): a text column for each image, neg_image (B,): an image column for each text).
     """
-    B = sim_i2t.shape[0]
-    if B < 2:
-        raise ValueError("ITM hard negatives need at least 2 pairs in the batch")
-    eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
-    w_i2t = F.softmax(sim_i2t.float().masked_fill(eye, float("-inf")), dim=1)
-    w_t2i = F.softmax(sim_t2i.float().masked_fill(eye, float("-inf")), dim=1)
+    B, N = sim_i2t.shape
+    if N < 2:
+        raise ValueError("ITM hard negatives need at least 2 pairs in the (global) batch")
+    positive = torch.zeros(B, N, dtype=torch.bool, device=sim_i2t.device)
+    positive[torch.arange(B, device=sim_i2t.device), offset + torch.arange(B, device=sim_i2t.device)] = True
+    w_i2t = F.softmax(sim_i2t.float().masked_fill(positive, float("-inf")), dim=1)
+    w_t2i = F.softmax(sim_t2i.float().masked_fill(positive, float("-inf")), dim=1)
     neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     return neg_text, neg_image
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (world * B, ...), rank-major, without gradient; identity in a single process."""
+    if world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world()[1])]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
 
 
 def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -116,4 +128,5 @@ def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torc
     return total * size / count.clamp_min(1)
 
 
-__all__ = ["world", "gather_with_grad", "itc_similarities", "itc_loss", "sample_negatives", "itg_loss"]
+__all__ = ["world", "gather_with_grad", "gather_no_grad", "itc_similarities", "itc_loss", "sample_negatives",
+           "itg_loss"]

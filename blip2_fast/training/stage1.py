@@ -7,7 +7,9 @@ Loss = ITC + ITM + ITG, computed on one batch of B (image, text) pairs:
   only to queries, so their outputs are exactly those of a queries-only pass: when ITG is on
   they also serve ITC and the negative sampling, and the queries are run once (LAVIS reaches the
   same thing by caching the queries' keys/values from the ITC pass);
-- ITM hard negatives are drawn on the device for the whole batch (`losses.sample_negatives`).
+- ITM hard negatives are drawn on the device for the whole batch (`losses.sample_negatives`),
+  and across data-parallel ranks from the whole global batch (texts and frozen ViT outputs
+  gathered), as LAVIS draws them.
 
 Attribute names are those of transformers' `Blip2ForImageTextRetrieval` (`vision_model`,
 `query_tokens`, `embeddings`, `qformer`, `vision_projection`, `text_projection`, `itm_head`),
@@ -22,7 +24,7 @@ from torch import nn
 from ..config import Blip2Config
 from ..models.qformer import QFormerLMHead, QFormerModel, QFormerTextEmbeddings
 from ..models.vision import VisionModel
-from .losses import gather_with_grad, itc_loss, itc_similarities, itg_loss, sample_negatives, world
+from .losses import gather_no_grad, gather_with_grad, itc_loss, itc_similarities, itg_loss, sample_negatives, world
 
 
 class Blip2Stage1(nn.Module):
@@ -88,7 +90,8 @@ class Blip2Stage1(nn.Module):
 
         Returns {"loss": sum of the enabled losses, "loss_itc", "loss_itm", "loss_itg" (those
         enabled), and with ITM "neg_text_index" (B,) (the negative text of each image) and
-        "neg_image_index" (B,) (the negative image of each text)}. `generator` drives the
+        "neg_image_index" (B,) (the negative image of each text)}, indices into the global batch
+        (rank-major; the local batch when not distributed). `generator` drives the
         negative sampling (it must live on the batch's device).
         """
         if not (use_itc or use_itm or use_itg):
@@ -128,31 +131,41 @@ class Blip2Stage1(nn.Module):
                 image_feats = F.normalize(self.vision_projection(query_out), dim=-1)  # (B, Q, D)
                 text_h = self.qformer(self.embeddings(input_ids), 0, "unimodal", key_padding_mask=attention_mask)
                 text_feat = F.normalize(self.text_projection(text_h[:, 0]), dim=-1)  # (B, D), [CLS]
-                rank = world()[0] if use_itc else 0
-                image_all = gather_with_grad(image_feats) if use_itc else image_feats  # (W*B, Q, D)
-                text_all = gather_with_grad(text_feat) if use_itc else text_feat  # (W*B, D)
+                rank = world()[0]
+                image_all = gather_with_grad(image_feats)  # (W*B, Q, D); no graph when only ITM samples
+                text_all = gather_with_grad(text_feat)  # (W*B, D)
                 sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, self.temp)
             if use_itc:
                 out["loss_itc"] = itc_loss(sim_i2t, sim_t2i, rank, self.itc_label_smoothing)
             if use_itm:
-                out.update(self._itm(input_ids, attention_mask, image_kv, sim_i2t[:, rank * B:(rank + 1) * B],
-                                     sim_t2i[:, rank * B:(rank + 1) * B], generator))
+                out.update(self._itm(input_ids, attention_mask, image_embeds, image_kv, sim_i2t, sim_t2i, generator))
 
         out["loss"] = sum(out[k] for k in ("loss_itc", "loss_itm", "loss_itg") if k in out)
         return out
 
-    def _itm(self, input_ids, attention_mask, image_kv, sim_i2t, sim_t2i, generator) -> dict:
+    def _itm(self, input_ids, attention_mask, image_embeds, image_kv, sim_i2t, sim_t2i, generator) -> dict:
         """3B pairs in LAVIS' order: (image b, text b) positives, (negative image of text b,
-        text b), (image b, negative text of image b); sims are this rank's (B, B) block."""
+        text b), (image b, negative text of image b). sims: (B, W*B) against every rank's batch.
+        Across ranks the negatives are drawn from the whole global batch, as LAVIS does: the
+        texts and the frozen ViT's outputs are gathered (no gradient needed: the ViT is frozen),
+        and the cross-attention K/V of the gathered images are computed here, so their gradient
+        reaches the K/V projections on this rank. Ranks must pad texts to one length (the loop
+        pads to max_text_length in distributed runs)."""
         B, Q = input_ids.shape[0], self.num_query
-        neg_text, neg_image = sample_negatives(sim_i2t.detach(), sim_t2i.detach(), generator)  # (B,), (B,)
-        ar = torch.arange(B, device=input_ids.device)
-        image_index = torch.cat([ar, neg_image, ar])  # (3B,) rows -> images of image_kv
-        ids = torch.cat([input_ids, input_ids, input_ids[neg_text]])  # (3B, T)
-        mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        rank, size = world()
+        neg_text, neg_image = sample_negatives(sim_i2t.detach(), sim_t2i.detach(), generator, offset=rank * B)
+        if size > 1:
+            ids_all, mask_all = gather_no_grad(input_ids), gather_no_grad(attention_mask)  # (W*B, T)
+            kv = self.qformer.image_kv(gather_no_grad(image_embeds))  # per layer (W*B, H, S, D)
+            own = rank * B + torch.arange(B, device=input_ids.device)
+        else:
+            ids_all, mask_all, kv, own = input_ids, attention_mask, image_kv, torch.arange(B, device=input_ids.device)
+        image_index = torch.cat([own, neg_image, own])  # (3B,) rows -> images of kv
+        ids = torch.cat([input_ids, input_ids, ids_all[neg_text]])  # (3B, T)
+        mask = torch.cat([attention_mask, attention_mask, mask_all[neg_text]])
         hidden = torch.cat([self._queries(3 * B), self.embeddings(ids).to(self.query_tokens.dtype)], 1)
         h = self.qformer(hidden, Q, "bidirectional", key_padding_mask=self._with_query_mask(mask),
-                         image_kv=image_kv, image_index=image_index)  # (3B, Q + T, E)
+                         image_kv=kv, image_index=image_index)  # (3B, Q + T, E)
         logits = self.itm_head(h[:, :Q]).mean(dim=1)  # (3B, 2)
         labels = torch.cat([torch.ones(B, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * B, dtype=torch.long, device=logits.device)])

@@ -19,6 +19,7 @@ import torch
 from ..config import Blip2Config
 from ..loading import CheckpointError, resolve_folder
 from .export import load_matching
+from .losses import world
 from .stage1 import Blip2Stage1
 from .train_config import TrainConfig
 
@@ -86,6 +87,11 @@ class Stage1Task:
         from .data import tokenize_texts
 
         ids, mask, truncated = tokenize_texts(self.tokenizer, batch["texts"], self.cfg.max_text_length)
+        if world()[1] > 1 and ids.shape[1] < self.cfg.max_text_length:
+            # ITM gathers every rank's texts: one length on all ranks, known without a collective
+            extra = self.cfg.max_text_length - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, extra), value=self.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, extra), value=0)
         return dict(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask,
                     use_itc=self.cfg.use_itc, use_itm=self.cfg.use_itm, use_itg=self.cfg.use_itg,
                     generator=generator), truncated
