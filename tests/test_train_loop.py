@@ -268,3 +268,18 @@ def test_bad_records_are_counted_and_logged(folder, world, tmp_path, caplog):
     assert "missing image" in caplog.text and "empty text" in caplog.text
     last = read_metrics(str(tmp_path / "run"))[-1]
     assert last["truncated_texts"] == counters["truncated_texts"]
+
+
+def test_dataloader_workers_and_tensorboard_switch(folder, world, tmp_path, caplog):
+    """2 DataLoader workers give the losses of the in-process loader; tensorboard=True without the
+    package installed says so and goes on (with it installed, event files appear)."""
+    train(config(folder, world, tmp_path / "w0", steps=3, export=False))
+    with caplog.at_level("WARNING"):
+        train(config(folder, world, tmp_path / "w2", steps=3, num_workers=2, tensorboard=True, export=False))
+    assert losses(str(tmp_path / "w0")) == losses(str(tmp_path / "w2"))
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert "tensorboard requested but not usable" in caplog.text
+    else:
+        assert os.listdir(tmp_path / "w2" / "tensorboard")
