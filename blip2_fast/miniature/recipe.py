@@ -72,6 +72,7 @@ def write_retrieval_folder(stage1_model: str, qformer_tokenizer: str, out: str) 
 
     model = Blip2ForImageTextRetrieval.from_pretrained(stage1_model, skip_unused=True)
     model.config.text = None  # no LLM in this folder
+    model.config.image_token_index = None  # the OPT tokenizer's "<image>" id means another token here
     model.config.extra["architectures"] = ["Blip2ForImageTextRetrieval"]
     model.save_pretrained(out)
     for name in os.listdir(qformer_tokenizer):
