@@ -1,0 +1,118 @@
+"""`python -m blip2_fast.miniature pretrain --out DIR [--quick] [--seed S]`
+
+Recipe step 1 from scratch: the two tokenizers, the three unimodal pretrainings and the
+assembled initial BLIP-2 folder, with a progress bar and a closing table of what each part
+reached and how long it took. Layout under DIR:
+  tokenizer/          OPT byte-level BPE (blip2_fast.bpe)
+  qformer_tokenizer/  the Q-Former's WordPiece
+  vision/ lm/ text_encoder/   weights + metrics.json of each pretraining
+  initial/            the transformers-format BLIP-2 folder stage 1 starts from
+  summary.json        the table's numbers
+--quick runs a few steps of each part (for tests); its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+# steps, batch size per part; full sizes are the functions' defaults (measured, see their docstrings)
+QUICK = {"corpus_scenes": 300, "vision": dict(steps=3, batch_size=8, n_val=16),
+         "lm": dict(steps=3, batch_size=8, n_val_scenes=10), "text": dict(steps=3, batch_size=8, n_val_scenes=10)}
+FULL = {"corpus_scenes": 3000, "vision": {}, "lm": {}, "text": {}}
+
+
+def pretrain(out: str, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Run every part into `out`; return {part: metrics} (also written to out/summary.json)."""
+    from ..bpe import train_bpe_tokenizer, world_corpus
+    from .assemble import assemble_initial_model, folder_size_bytes
+    from .pretrain_lm import pretrain_lm
+    from .pretrain_text_encoder import pretrain_text_encoder
+    from .pretrain_vision import pretrain_vision
+    from .qformer_tokenizer import qformer_corpus, train_qformer_tokenizer
+
+    sizes = QUICK if quick else FULL
+    d = {k: os.path.join(out, k) for k in ("tokenizer", "qformer_tokenizer", "vision", "lm", "text_encoder", "initial")}
+    summary: dict = {}
+    parts = ["tokenizers", "vision", "lm", "text", "assemble"]
+    bar = tqdm(parts, desc="miniature pretraining", unit="part", disable=not progress, position=0)
+    for part in bar:
+        bar.set_postfix_str(part)
+        t0 = time.perf_counter()
+        if part == "tokenizers":
+            n = sizes["corpus_scenes"]
+            opt_tok = train_bpe_tokenizer(world_corpus(n, seed, split="tokenizer"), 512, d["tokenizer"])
+            q_tok = train_qformer_tokenizer(qformer_corpus(n, seed, split="tokenizer"), d["qformer_tokenizer"])
+            m = {"opt_vocab_size": opt_tok.get_vocab_size(), "qformer_vocab_size": q_tok.get_vocab_size()}
+        elif part == "vision":
+            m = pretrain_vision(d["vision"], seed=seed, progress=progress, **sizes["vision"])
+        elif part == "lm":
+            m = pretrain_lm(d["lm"], d["tokenizer"], seed=seed, progress=progress, **sizes["lm"])
+        elif part == "text":
+            m = pretrain_text_encoder(d["text_encoder"], d["qformer_tokenizer"], seed=seed, progress=progress,
+                                      **sizes["text"])
+        else:
+            assemble_initial_model(d["initial"], d["vision"], d["lm"], d["text_encoder"], d["tokenizer"],
+                                   d["qformer_tokenizer"], seed=seed)
+            m = {"folder": d["initial"], "megabytes": folder_size_bytes(d["initial"]) / 2 ** 20}
+        m = {k: v for k, v in m.items() if k != "losses"}
+        m["seconds"] = time.perf_counter() - t0
+        summary[part] = m
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """One row per part: what it reached on its validation set and its wall time."""
+    rows = [("part", "result (fresh-seed validation)", "seconds")]
+    s = summary
+    if "tokenizers" in s:
+        t = s["tokenizers"]
+        rows.append(("tokenizers", f"OPT BPE {t['opt_vocab_size']} tokens, Q-Former WordPiece "
+                                   f"{t['qformer_vocab_size']}", t["seconds"]))
+    if "vision" in s:
+        v = s["vision"]["val"]
+        rows.append(("vision ViT", "attribute accuracy " + ", ".join(
+            f"{r} {v[r]['attribute_accuracy']:.4f} (all right {v[r]['image_all_correct']:.3f})" for r in v),
+            s["vision"]["seconds"]))
+    if "lm" in s:
+        m = s["lm"]
+        rows.append(("OPT LM", f"loss {m['val_loss']:.4f}, perplexity {m['val_perplexity']:.3f}, "
+                               f"next-token accuracy {m['val_token_accuracy']:.4f}", m["seconds"]))
+    if "text" in s:
+        m = s["text"]
+        rows.append(("text encoder", f"masked accuracy {m['val_masked_accuracy']:.4f} (structure words "
+                                     f"{m['val_masked_accuracy_structure']:.4f}, attribute words "
+                                     f"{m['val_masked_accuracy_content']:.4f})", m["seconds"]))
+    if "assemble" in s:
+        rows.append(("assemble", f"{s['assemble']['folder']} ({s['assemble']['megabytes']:.1f} MB)",
+                     s["assemble"]["seconds"]))
+    total = sum(p["seconds"] for p in s.values())
+    rows.append(("total", "", total))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    fmt = lambda r: f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2] if isinstance(r[2], str) else f'{r[2]:8.1f}'}"
+    return "\n".join(fmt(r) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m blip2_fast.miniature",
+                                description="Pretrain the miniature BLIP-2's frozen unimodal models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="tokenizers, ViT, OPT LM, text encoder, initial BLIP-2 folder")
+    pre.add_argument("--out", required=True, help="output folder (created)")
+    pre.add_argument("--quick", action="store_true", help="a few steps of each part (tests)")
+    pre.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    summary = pretrain(args.out, quick=args.quick, seed=args.seed, progress=sys.stderr.isatty() or not args.quick)
+    print(format_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Pretrain the miniature's language model (the OPT BLIP-2 keeps frozen) on the world's text.
+
+Our `OPTLM(cfg.text)`, trained as a causal LM on `blip2_fast.bpe.world_corpus`: for each
+scene its caption, then one "Question: {q} Answer: {a}" line per question (the prompt format
+BLIP-2 uses with OPT). Each line is `</s> tokens </s>`: the tokenizer prepends BOS (= </s>, as
+OPT) and we append EOS, so the LM learns where a caption or an answer ends — what lets stage 2
+and VQA stop generating. Lines are right-padded with <pad>; padding is neither attended nor
+predicted. The text stream is drawn on the fly (no scene is repeated); validation lines come
+from another split and seed.
+
+The saved state_dict has our keys, which are transformers' `language_model.*` keys minus the
+prefix (`model.decoder.layers.0.self_attn.q_proj.weight`, ...); `lm_head.weight` is tied to
+`model.decoder.embed_tokens.weight` and, as transformers does, not written.
+
+A floor on the loss: the captions' and answers' attributes are random, so no LM can predict
+them from text alone; what it must learn is the grammar, the vocabulary of each slot and
+where a line ends. `entropy_floor` measures that floor independently of any model: the
+world's text has a few thousand distinct lines, so their frequencies over 100k scenes give the
+entropy of a line, and the floor per predicted token is that entropy over the mean number of
+predicted tokens per line (the best any LM can reach on the token-weighted validation loss).
+
+Measured: see MEASURED below.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from ..bpe import EOS, world_corpus
+from ..models.opt import OPTLM
+from .preset import (PAD_ID, init_weights_, load_weights, make_optimizer, miniature_opt_config, save_weights,
+                     set_threads, warmup_cosine)
+
+log = logging.getLogger("blip2_fast.miniature")
+
+MEASURED = "not measured yet"
+WEIGHTS_FILE = "language_model.safetensors"
+TIED = "lm_head.weight"
+
+
+def load_tokenizer(tokenizer_dir: str) -> Tokenizer:
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no tokenizer (train it with blip2_fast.bpe.train_bpe_tokenizer)")
+    return Tokenizer.from_file(path)
+
+
+def encode_lines(tok: Tokenizer, lines: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`</s> line </s>` per line, right-padded: input_ids and attention_mask (B, L)."""
+    eos = tok.token_to_id(EOS)
+    rows = [e.ids + [eos] for e in tok.encode_batch(lines)]
+    too_long = [(l, len(r)) for l, r in zip(lines, rows) if len(r) > max_len]
+    if too_long:
+        raise ValueError(f"line {too_long[0][0]!r} is {too_long[0][1]} tokens, over the LM's {max_len} positions")
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def lm_loss(model: OPTLM, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean next-token loss, number of correct argmax predictions, number of predicted tokens)."""
+    logits = model(model.get_input_embeddings()(ids), mask)  # (B, L, V)
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, target.reshape(-1), ignore_index=-100)
+    valid = target != -100
+    correct = ((logits[:, :-1].argmax(-1) == target) & valid).sum()
+    return loss, correct, int(valid.sum())
+
+
+@torch.no_grad()
+def evaluate(model: OPTLM, tok: Tokenizer, seed: int, n_scenes: int, batch_size: int = 256) -> dict:
+    """Token-weighted validation loss, perplexity and next-token accuracy on fresh scenes' text."""
+    model.eval()
+    lines = list(world_corpus(n_scenes, seed, split="lm_val"))
+    total, correct, count = 0.0, 0, 0
+    for start in range(0, len(lines), batch_size):
+        ids, mask = encode_lines(tok, lines[start:start + batch_size], model.config.max_position_embeddings)
+        loss, ok, n = lm_loss(model, ids, mask)
+        total += float(loss) * n
+        correct += int(ok)
+        count += n
+    return {"val_loss": total / count, "val_perplexity": math.exp(total / count),
+            "val_token_accuracy": correct / count, "val_lines": len(lines), "val_tokens": count}
+
+
+def entropy_floor(tok: Tokenizer, n_scenes: int = 100_000, seed: int = 7) -> float:
+    """Nats per predicted token that no LM can beat (module docstring), by counting lines."""
+    counts = Counter(world_corpus(n_scenes, seed, split="lm_floor"))
+    n = sum(counts.values())
+    entropy = -sum(c / n * math.log(c / n) for c in counts.values())  # nats per line
+    # predicted tokens per line: everything after BOS, plus the appended EOS = len(encode(line))
+    tokens = sum(c * len(tok.encode(line).ids) for line, c in counts.items()) / n
+    return entropy / tokens
+
+
+def pretrain_lm(out_dir: str, tokenizer_dir: str, steps: int = 400, batch_size: int = 64, seed: int = 0,
+                lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.05, n_val_scenes: int = 400,
+                fixed_batch: bool = False, floor_scenes: int = 100_000, progress: bool = True) -> dict:
+    """Train OPTLM on the world's text; write out_dir/language_model.safetensors and
+    out_dir/metrics.json; return the metrics (with the text's entropy floor from floor_scenes
+    scenes; 0 skips it). fixed_batch: the first batch every step (tests)."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
+    set_threads()
+    torch.manual_seed(seed)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = miniature_opt_config(tok.get_vocab_size())
+    model = init_weights_(OPTLM(cfg))
+    model.tie_weights()
+    opt = make_optimizer(model, lr, weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
+    stream = world_corpus(10 ** 9, seed, split="lm_train")  # lazily drawn: never materialised
+    first = list(itertools.islice(stream, batch_size))
+    losses, t0 = [], time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), desc="language model", unit="step", disable=not progress):
+        lines = first if (fixed_batch or step == 0) else list(itertools.islice(stream, batch_size))
+        ids, mask = encode_lines(tok, lines, cfg.max_position_embeddings)
+        loss, _, _ = lm_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"LM pretraining: loss is {losses[-1]} at step {step}")
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    val = evaluate(model, tok, seed + 1000, n_val_scenes)
+    if floor_scenes:
+        val["entropy_floor"] = entropy_floor(tok, floor_scenes)
+    metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "vocab_size": cfg.vocab_size,
+               "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1,
+               "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]), "losses": losses, **val}
+    state = {k: v for k, v in model.state_dict().items() if k != TIED}  # tied to the input embedding
+    save_weights(state, os.path.join(out_dir, WEIGHTS_FILE))
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    log.info("LM: %d steps in %.0f s, val loss %.4f (perplexity %.3f)", steps, train_s, val["val_loss"],
+             val["val_perplexity"])
+    return metrics
+
+
+def load_language_model(folder: str, vocab_size: int) -> OPTLM:
+    """The pretrained LM from `folder`: every OPTLM key but the tied head, nothing else."""
+    model = OPTLM(miniature_opt_config(vocab_size))
+    missing, unexpected = model.load_state_dict(load_weights(os.path.join(folder, WEIGHTS_FILE)), strict=False)
+    if unexpected or set(missing) != {TIED}:
+        raise KeyError(f"{folder}/{WEIGHTS_FILE}: missing {sorted(set(missing) - {TIED})}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    return model.eval()
