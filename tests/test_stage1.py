@@ -299,6 +299,18 @@ def test_training_steps_lower_every_loss():
         assert history[-1][k] < history[0][k], (k, [h[k] for h in history])
 
 
+def _ddp_averaged_grads(model, world_size):
+    """What DDP leaves in every rank's .grad: the mean over ranks."""
+    import torch.distributed as dist
+    grads = {}
+    for name, p in trainable(model):
+        if p.grad is not None:
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            grads[name] = g / world_size
+    return grads
+
+
 def _itc_rank(rank, world_size, init_file, out_file):
     """One data-parallel rank: half the batch, ITC only, gradients averaged as DDP does."""
     import torch.distributed as dist
@@ -311,12 +323,7 @@ def _itc_rank(rank, world_size, init_file, out_file):
         sl = slice(rank * n, (rank + 1) * n)
         out = model(pixels[sl], ids[sl], mask[sl], use_itm=False, use_itg=False)
         out["loss"].backward()
-        grads = {}
-        for name, p in trainable(model):
-            if p.grad is not None:
-                g = p.grad.clone()
-                dist.all_reduce(g)
-                grads[name] = g / world_size
+        grads = _ddp_averaged_grads(model, world_size)
         loss = out["loss"].detach().clone()
         dist.all_reduce(loss)
         if rank == 0:
@@ -360,12 +367,7 @@ def _all_losses_rank(rank, world_size, init_file, out_file):
         sl = slice(rank * n, (rank + 1) * n)
         out = model(pixels[sl], ids[sl], mask[sl], generator=torch.Generator().manual_seed(10 + rank))
         out["loss"].backward()
-        grads = {}
-        for name, p in trainable(model):
-            if p.grad is not None:
-                g = p.grad.clone()
-                dist.all_reduce(g)
-                grads[name] = g / world_size
+        grads = _ddp_averaged_grads(model, world_size)
         negs = torch.stack([out["neg_text_index"], out["neg_image_index"]])
         parts = [torch.empty_like(negs) for _ in range(world_size)]
         dist.all_gather(parts, negs)

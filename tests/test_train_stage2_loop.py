@@ -115,7 +115,8 @@ def test_int8_llm_trains(world, tmp_path):
     start = Blip2ForConditionalGeneration.from_pretrained(str(folder)).query_tokens
     trained = int8_run["task"].trainable_state_dict()["query_tokens"]
     assert not torch.equal(trained, start)  # gradients reached the queries through the int8 LLM
-    assert float_run["task"].model.model.language_model is not int8_run["task"].model.model.language_model
+    from blip2_fast.quantization import Int8Linear
+    assert any(isinstance(m, Int8Linear) for m in int8_run["task"].model.model.language_model.modules())
 
 
 def test_caption_finetune_with_the_vision_encoder_at_a_higher_resolution(world, tmp_path):
