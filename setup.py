@@ -53,7 +53,8 @@ setup(
     python_requires=">=3.10",
     packages=["blip2_fast", "blip2_fast.models", "blip2_fast.training", "blip2_fast.miniature", "blip2_fast.kernels"],
     package_dir={"blip2_fast.kernels": "kernels"},
-    package_data={"blip2_fast.kernels": ["csrc/*"]},
+    # the shipped miniature BLIP-2 (issue 7): two model folders of config, weights and tokenizer files
+    package_data={"blip2_fast.kernels": ["csrc/*"], "blip2_fast": ["default_model/*/*", "default_model/*/*/*"]},
     install_requires=[
         "torch>=2.3,<3",
         "triton>=3.0; platform_system=='Linux'",

@@ -293,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="results printed per query")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache", metavar="FILE.safetensors", help="gallery feature cache, reused for the same model")
+    from .miniature.demo import add_demo_parser
     from .training.cli import add_train_parser
     add_train_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
@@ -305,11 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     from .retrieval import retrieve_main
+    from .miniature.demo import demo_main
     from .training.cli import train_main
     from .training.data import DataError
 
     command = {"caption": caption, "vqa": vqa, "chat": chat, "retrieve": lambda **kw: retrieve_main(kw),
-               "train": lambda **kw: train_main(kw)}[args.pop("command")]
+               "train": lambda **kw: train_main(kw), "demo": lambda **kw: demo_main(kw)}[args.pop("command")]
     try:
         return command(**args)
     except (CLIError, ImageError, CheckpointError, ConfigError, DataError) as err:

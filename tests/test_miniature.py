@@ -149,6 +149,30 @@ def test_lm_pretraining_lowers_loss_and_matches_transformers_opt(tmp_path):
     assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
 
 
+def test_lm_loss_behind_a_random_prefix_predicts_only_the_text():
+    from blip2_fast.miniature.pretrain_lm import lm_loss
+    from blip2_fast.models.opt import OPTLM
+
+    torch.manual_seed(0)
+    model = P.init_weights_(OPTLM(P.miniature_opt_config(64))).eval()
+    model.tie_weights()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 1], [1, 50, 51, 52, 0, 0]])
+    mask = (torch.arange(6) < torch.tensor([[6], [4]])).long()
+    with torch.no_grad():
+        plain = lm_loss(model, ids, mask)
+        behind = [lm_loss(model, ids, mask, 8, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+        # by hand: the text's logits when 8 given vectors sit in front of it, all attended
+        noise = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(1)) * \
+            model.get_input_embeddings().weight.std()
+        logits = model(torch.cat([noise, model.get_input_embeddings()(ids)], 1),
+                       torch.cat([torch.ones(2, 8, dtype=torch.long), mask], 1))[:, 8:]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), target.reshape(-1), ignore_index=-100)
+    assert plain[2] == behind[0][2] == 8  # the same 8 predicted tokens: none in the prefix
+    assert torch.allclose(behind[0][0], want) and torch.equal(behind[0][0], behind[1][0])
+    assert not torch.allclose(behind[0][0], plain[0]) and not torch.allclose(behind[0][0], behind[2][0])
+
+
 # ------------------------------------------------------------------ text encoder
 def test_text_encoder_pretraining_lowers_loss_and_initialises_the_qformer(tmp_path):
     from blip2_fast.miniature.pretrain_text_encoder import load_text_encoder, pretrain_text_encoder

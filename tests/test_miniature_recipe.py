@@ -112,3 +112,28 @@ def test_retrieval_recall_counts_duplicate_captions_as_correct():
     assert perfect["text_to_image_r1"] == 1.0 and perfect["image_to_text_r1"] == 1.0 and perfect["galleries"] == 2
     scrambled = retrieval_recall(_Oracle(data, scramble=True), data, gallery=100)
     assert scrambled["text_to_image_r1"] < 0.2 and scrambled["image_to_text_r1"] < 0.2
+
+
+def test_demo_prints_three_tables_and_scores_them_against_the_world(run, capsys):
+    from blip2_fast.cli import main
+
+    folder, itm = run[0]["final"], run[0]["itm"]
+    assert main(["demo", "--n", "4", "--model", folder, "--retrieval-model", itm, "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for title in ("Captions", "Questions", "Retrieval over these scenes", "captions/s"):
+        assert title in text, title
+    # the true captions printed are the world's own for the demo split
+    truth = world.caption(world.sample_scene(world.scene_rng(0, 0, "demo")))
+    assert truth in text
+    from blip2_fast.miniature.demo import demo
+    lines = []
+    report = demo(n=4, model=folder, retrieval_model=itm, device="cpu", out=lines.append)
+    ok_rows = sum(row.endswith(" ok") for row in lines[0].splitlines()[3:])
+    assert report["caption_accuracy"] == ok_rows / 4  # the table's marks are the reported accuracy
+
+
+def test_demo_refuses_a_single_scene(run, capsys):
+    from blip2_fast.cli import main
+
+    assert main(["demo", "--n", "1", "--model", run[0]["final"], "--retrieval-model", run[0]["itm"]]) == 2
+    assert "--n 1" in capsys.readouterr().err
