@@ -5,6 +5,7 @@ when no --model is given. The judge is the world itself (`world.caption`), not t
 
 No captioning/VQA model ships yet (issue 7 left open: its stage 2 does not learn to use the
 image); the CLI says so clearly, tested below."""
+import json
 import os
 
 import pytest
@@ -87,7 +88,12 @@ def test_retrieve_and_demo_use_the_shipped_model_without_model_flag(tmp_path, ca
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(world.caption(s) for s in scenes) + "\n")
     assert main(["retrieve", "--images", str(folder), "--texts", str(texts), "--device", "cpu", "--json"]) == 0
-    assert capsys.readouterr().out.strip()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    best = {r["query"]: r["results"][0]["item"] for r in rows if r["direction"] == "t2i"}
+    captions = [world.caption(s) for s in scenes]
+    assert len(best) == len(set(captions))
+    for caption in best:  # the top image has the query's caption (the world's own, not the model's)
+        assert captions[int(os.path.basename(best[caption]).split(".")[0])] == caption, caption
     assert main(["demo", "--n", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "Retrieval over these scenes" in out and "ships no captioning model" in out

@@ -86,28 +86,21 @@ def demo(n: int = 8, seed: int = 0, model: str | None = None, retrieval_model: s
 
 
 def _generation(engine, scenes, images, questions, truth, out) -> dict:
-    """Caption every scene and ask its question; print both tables; return accuracies and rates."""
-    from ..cli import DEFAULTS, Settings
-    from ..images import preprocess
+    """Caption every scene and ask its question (`evaluate`'s judges, the CLI's defaults); print
+    both tables; return accuracies and rates."""
+    from .evaluate import Scenes, caption_accuracy, vqa_accuracy
 
     n = len(scenes)
-    pixels = preprocess(images, engine.spec).to(engine.model.device)
-    report = {}
+    data = Scenes(scenes, images, [[qa] for qa in questions])
     with torch.no_grad():
-        t = time.perf_counter()
-        captions = engine.generate(pixels, [""] * n, Settings(**DEFAULTS["caption"]))
-        report["captions_per_s"] = n / (time.perf_counter() - t)
-        t = time.perf_counter()
-        answers = engine.generate(pixels, [engine.template.format(q) for q, _ in questions], Settings(**DEFAULTS["vqa"]))
-        report["answers_per_s"] = n / (time.perf_counter() - t)
+        cap_acc, captions, cap_rate = caption_accuracy(engine, data, batch_size=n)
+        vqa_acc, answers, vqa_rate = vqa_accuracy(engine, data, batch_size=n)
     cap_ok = [world.caption_attributes_correct(c, s) for c, s in zip(captions, scenes)]
-    vqa_ok = [a.strip().lower() == want for a, (_, want) in zip(answers, questions)]
-    report.update(caption_accuracy=sum(cap_ok) / n, vqa_accuracy=sum(vqa_ok) / n)
     out("Captions\n" + _table(["#", "true caption", "model's caption", ""],
                               [[str(i), truth[i], captions[i], _mark(cap_ok[i])] for i in range(n)]))
     out("\nQuestions\n" + _table(["#", "question", "true", "model", ""],
-                                 [[str(i), q, a, answers[i], _mark(vqa_ok[i])] for i, (q, a) in enumerate(questions)]))
-    return report
+                                 [[str(i), q, a, p, _mark(p.strip().lower() == a)] for i, (q, a, p) in enumerate(answers)]))
+    return {"caption_accuracy": cap_acc, "captions_per_s": cap_rate, "vqa_accuracy": vqa_acc, "answers_per_s": vqa_rate}
 
 
 def demo_main(args: dict) -> int:
@@ -117,10 +110,12 @@ def demo_main(args: dict) -> int:
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="caption, question and retrieve freshly rendered shape scenes with the shipped model")
+    p = sub.add_parser("demo", help="retrieve among freshly rendered shape scenes with the shipped model "
+                                    "(and caption them, question them with --model)")
     p.add_argument("--n", type=int, default=8, help="scenes to render (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="generation model folder (default: the shipped blip2-shapes)")
+    p.add_argument("--model", help="captioning/VQA model folder (default: the shipped one; none ships yet, "
+                                        "so without it captions and questions are skipped)")
     p.add_argument("--retrieval-model", help="retrieval model folder (default: the shipped blip2-shapes-itm)")
     p.add_argument("--device", help="cpu, cuda ... (default cuda when available)")
     p.add_argument("--save", metavar="DIR", help="also write the rendered images as PNG files into DIR")
