@@ -45,7 +45,7 @@ def test_preset_round_trips_through_transformers_config():
     assert q.use_qformer_text_input and q.encoder_hidden_size == 96 and q.vocab_size == 100
     assert (t.hidden_size, t.num_hidden_layers, t.ffn_dim, t.vocab_size, t.bos_token_id, t.pad_token_id) == \
         (128, 3, 512, 300, 1, 0)
-    assert hf.num_query_tokens == 8 and hf.image_token_index == 3 and hf.image_text_hidden_size == 64
+    assert hf.num_query_tokens == 16 and hf.image_token_index == 3 and hf.image_text_hidden_size == 64
     back = type(cfg).from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
     assert back.qformer.extra["dec_token_id"] == 5  # where Blip2Stage1 reads it
     with pytest.raises(ValueError, match="dec_token_id 100"):
@@ -211,7 +211,7 @@ def test_assembled_folder_loads_in_ours_and_transformers_with_equal_logits(built
     import blip2_fast
     folder = os.path.join(built[0], "initial")
     inputs = _inputs(folder)
-    assert (inputs["input_ids"] == P.IMAGE_TOKEN_INDEX).sum(1).tolist() == [8, 8]
+    assert (inputs["input_ids"] == P.IMAGE_TOKEN_INDEX).sum(1).tolist() == [P.NUM_QUERY_TOKENS] * 2
     ref = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
     ours = blip2_fast.Blip2ForConditionalGeneration.from_pretrained(folder, skip_unused=True)
     with torch.no_grad():

@@ -237,6 +237,24 @@ def test_t5_vqa_layout_by_hand(t5):
 
 
 # ---------------------------------------------------------------------------- builder
+def test_vqa_caption_rows_are_the_empty_prompt_caption_rows(opt):
+    """A vqa+caption finetune batch: a row whose question is None is laid out as captioning with
+    no prompt (BOS, caption, EOS), a question row as plain vqa; checked row by row by hand."""
+    cfg = Blip2Stage2.from_pretrained(opt[1]).model.config
+    prompt = "question : {} answer :"
+    batch = LMBatchBuilder(make_tokenizer(), cfg, "vqa", prompt=prompt)([CAPTIONS[0], "yes"], [None, QUESTIONS[0]])
+    Q, img = cfg.num_query_tokens, cfg.image_token_index
+    heads = [[img] * Q + [2], [img] * Q + [2] + ids_of(prompt.format(QUESTIONS[0]))]
+    rows = [heads[0] + ids_of(CAPTIONS[0]) + [2], heads[1] + ids_of("yes") + [2]]
+    width = max(map(len, rows))
+    assert batch["input_ids"].tolist() == [r + [1] * (width - len(r)) for r in rows]
+    assert batch["labels"].tolist() == [[-100] * len(h) + r[len(h):] + [-100] * (width - len(r))
+                                        for h, r in zip(heads, rows)]
+    from blip2_fast.training.train_config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match="vqa_captions is for stage vqa"):
+        TrainConfig(stage="2", model="m", data="d", vqa_captions=True).validate()
+
+
 def test_builder_truncation_errors_and_pickle(opt):
     cfg = Blip2Stage2.from_pretrained(opt[1]).model.config
     build = LMBatchBuilder(make_tokenizer(), cfg, "caption", max_length=7)

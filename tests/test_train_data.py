@@ -53,6 +53,35 @@ def test_world_jsonl_captions_and_questions(tmp_path):
     assert len(qa) > len(lines)  # several questions per image, each its own record
 
 
+def test_vqa_plus_caption_reads_each_caption_and_then_its_questions(tmp_path):
+    path = W.generate_dataset(str(tmp_path / "w"), 4, seed=1, resolution=32)
+    lines = [json.loads(line) for line in open(path)]
+    img = lambda d: str(tmp_path / "w" / d["image"])
+    both, skips = read_records(path, task="vqa+caption")
+    assert skips.total == 0
+    assert both == [r for d in lines for r in [Record(img(d), d["caption"])] +
+                    [Record(img(d), q["answer"], q["question"]) for q in d["questions"]]]
+    # objects with only one of the two, and an empty question (skipped, not made a caption)
+    extra = tmp_path / "extra.jsonl"
+    _png(str(tmp_path / "a.png"))
+    extra.write_text("\n".join(json.dumps(o) for o in (
+        {"image": "a.png", "caption": "only a caption"}, {"image": "a.png", "question": "q?", "answer": "yes"},
+        {"image": "a.png", "question": " ", "answer": "no"})))
+    recs, skips = read_records(str(extra), task="vqa+caption")
+    a = str(tmp_path / "a.png")
+    assert recs == [Record(a, "only a caption"), Record(a, "yes", "q?")] and skips.counts == {"empty text": 1}
+    with pytest.raises(DataError, match="missing key 'question'"):  # plain vqa still wants a question
+        read_records(str(extra), task="vqa")
+
+
+def test_collator_keeps_captions_beside_questions():
+    item = lambda i, q: {"pixel_values": torch.zeros(3, 4, 4), "text": f"t{i}", "question": q, "index": i,
+                         "skipped": []}
+    mixed = TextCollator()([item(0, None), item(1, "q?")])
+    assert mixed["questions"] == [None, "q?"] and mixed["texts"] == ["t0", "t1"]
+    assert TextCollator()([item(0, None), item(1, None)])["questions"] is None
+
+
 def test_jsonl_paths_text_key_blank_lines_and_root(tmp_path):
     _png(str(tmp_path / "imgs" / "a.png"))
     absolute = str(tmp_path / "elsewhere" / "b.png")

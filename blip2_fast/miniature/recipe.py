@@ -7,9 +7,12 @@
      its "Question: {q} Answer: {a}" lines (the text the LM was pretrained on), frozen-ViT
      features cached on disk (no augmentation in this world: flips and crops would falsify
      "left", "right" and sizes);
-  4. a short VQA finetune (`blip2-fast train --stage vqa`): answer tokens only, question in the
-     LLM prompt. The question is not fed to the Q-Former so that transformers'
-     Blip2ForConditionalGeneration, which has no such input, computes exactly our answers;
+  4. a short finetune (`blip2-fast train --stage vqa --vqa-captions`): each image's answers
+     behind "Question: {q} Answer:" (answer tokens only) and its caption behind the empty prompt
+     captioning uses. One model both answers and captions: measured, a VQA-only finetune taught
+     the soft prompt to end every text at once and the captions came out empty. The question is
+     not fed to the Q-Former so that transformers' Blip2ForConditionalGeneration, which has no
+     such input, computes exactly our answers;
   5. the shipped folders: `blip2-shapes` (captioning, VQA, chat: the stage-4 model) and
      `blip2-shapes-itm` (retrieval: the stage-1 Q-Former with its ITC/ITM heads, since stages 3-4
      retrain the Q-Former for the LLM and BLIP-2 ships its retrieval model from stage 1 too);
@@ -117,7 +120,7 @@ def reproduce(out: str, quick: bool = False, seed: int = 0, ablation: bool = Fal
         times[f"stage 2{tag}"] = time.perf_counter() - t
         t = time.perf_counter()
         final = _train("vqa", s2, train_jsonl, os.path.join(out, f"vqa{tag}"), seed, progress,
-                       vqa_qformer_question=False, **sizes["vqa"])
+                       vqa_qformer_question=False, vqa_captions=True, **sizes["vqa"])
         times[f"vqa finetune{tag}"] = time.perf_counter() - t
         return final
 

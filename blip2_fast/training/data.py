@@ -270,8 +270,9 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
 
 class TextCollator:
-    """Items -> dict(pixel_values (B,3,S,S), texts, questions (list or None), indices (B,) long,
-    skipped (int), skip_reasons (list[str])). No tokenisation: model collators add that."""
+    """Items -> dict(pixel_values (B,3,S,S), texts, questions, indices (B,) long, skipped (int),
+    skip_reasons (list[str])). questions: None when no item has one, else one per item, None for
+    a caption (a "vqa+caption" finetune mixes both). No tokenisation: model collators add that."""
 
     def __call__(self, items: list[dict]) -> dict:
         if not items:
@@ -280,13 +281,9 @@ class TextCollator:
         if len(shapes) > 1:
             raise ValueError(f"TextCollator: pixel_values of different shapes {sorted(shapes)} in one batch")
         questions = [it["question"] for it in items]
-        has_q = [q is not None for q in questions]
-        if any(has_q) and not all(has_q):
-            raise ValueError(f"TextCollator: a batch mixes items with and without a question "
-                             f"(indices {[it['index'] for it in items]})")
         reasons = [r for it in items for r in it["skipped"]]
         return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                "texts": [it["text"] for it in items], "questions": questions if all(has_q) else None,
+                "texts": [it["text"] for it in items], "questions": questions if any(q is not None for q in questions) else None,
                 "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
                 "skipped": len(reasons), "skip_reasons": reasons}
 

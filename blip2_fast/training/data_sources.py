@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TASKS = ("caption", "vqa")
+TASKS = ("caption", "vqa", "vqa+caption")
 TAR_PREFIX = "tar://"
 
 
@@ -135,7 +135,9 @@ def read_records(source: str | list[str], task: str = "caption", root: str | Non
                  check_files: bool = True) -> tuple[list[Record], SkipLog]:
     """source: a .jsonl file, a .csv file, a folder of images with captions, or tar shards (a .tar
     path, a list of sources, or a brace/glob pattern like 'shards/{000..009}.tar', 'shards/*.tar').
-    task "caption": one Record per (image, caption); "vqa": one per (image, question, answer).
+    task "caption": one Record per (image, caption); "vqa": one per (image, question, answer);
+    "vqa+caption" (a finetune that trains both, `TrainConfig.vqa_captions`): both of a JSONL
+    object's or tar sample's caption (question None) and its questions, each one Record.
     root: base folder for relative image paths (default: the JSONL/CSV file's folder).
     check_files: skip ("missing image") records whose image file does not exist now."""
     if task not in TASKS:
@@ -186,7 +188,8 @@ class _Builder:
         if not image.startswith(TAR_PREFIX):
             image = os.path.normpath(os.path.join(self.base, image))
         for question, text in pairs:
-            if not text.strip() or (self.task == "vqa" and not (question or "").strip()):
+            no_question = (self.task == "vqa" and question is None) or (question is not None and not question.strip())
+            if not text.strip() or (self.task != "caption" and no_question):
                 self.skips.add("empty text", where)
             elif self.check_files and not image.startswith(TAR_PREFIX) and not os.path.exists(image):
                 self.skips.add("missing image", image)
@@ -204,9 +207,14 @@ def _str_field(obj: dict, keys: tuple[str, ...], where: str) -> str:
 
 
 def _pairs(obj: dict, task: str, where: str) -> list[tuple[str | None, str]]:
-    """(question, text) pairs of one JSON object: caption/text, or question+answer / questions."""
+    """(question, text) pairs of one JSON object: caption/text, or question+answer / questions,
+    or ("vqa+caption") the caption, if it has one, and then every question it has."""
     if task == "caption":
         return [(None, _str_field(obj, ("caption", "text"), where))]
+    if task == "vqa+caption":
+        caption = [(None, _str_field(obj, ("caption", "text"), where))] if {"caption", "text"} & obj.keys() else []
+        asked = "question" in obj or "questions" in obj
+        return caption + (_pairs(obj, "vqa", where) if asked or not caption else [])
     if "questions" in obj and "question" not in obj:
         qs = obj["questions"]
         if not isinstance(qs, list) or not all(isinstance(q, dict) for q in qs):
@@ -252,14 +260,14 @@ def _read_csv(path, task, root, check_files) -> tuple[list[Record], SkipLog]:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             text_col = "text" if "caption" not in header and "text" in header else "caption"
-            need = ("image", text_col) if task == "caption" else ("image", "question", "answer")
+            need = ("image", text_col) if task == "caption" else ("image", "question", "answer")  # vqa(+caption)
             if any(c not in header for c in need):
                 raise DataError(f"{path}: header {header} lacks column(s) {[c for c in need if c not in header]}")
             for row in reader:
                 where = f"{path} line {reader.line_num}"
                 if None in row or any(row[c] is None for c in need):
                     raise DataError(f"{where}: the number of fields differs from the header's {len(header)}")
-                b.add(where, row["image"], [(row.get("question"), row[need[-1]])] if task == "vqa"
+                b.add(where, row["image"], [(row.get("question"), row[need[-1]])] if task != "caption"
                       else [(None, row[text_col])])
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
@@ -271,7 +279,7 @@ def _read_folder(path, task, root, check_files) -> tuple[list[Record], SkipLog]:
         index = os.path.join(path, name)
         if os.path.isfile(index):
             return reader(index, task, root, check_files)
-    if task == "vqa":
+    if task != "caption":
         raise DataError(f"{path}: a folder with .txt captions has no questions; "
                         f"give it a captions.jsonl or captions.csv with question/answer")
     b = _Builder(path, task, check_files=False)
@@ -326,7 +334,7 @@ def _read_tar(path, task) -> tuple[list[Record], SkipLog]:
             if members.keys() & {"image", "txt", "json"}:  # a half sample, not just a .cls
                 b.skips.add("missing caption" if "image" in members else "missing image", where)
             continue
-        if task == "caption" and "txt" in members:
+        if task != "vqa" and "txt" in members and (task == "caption" or "json" not in members):
             pairs = [(None, texts[(key, "txt")])]
         elif "json" in members:
             name = f"{shard}#{members['json'].name}"

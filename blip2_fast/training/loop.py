@@ -85,7 +85,8 @@ def _build_data(cfg: TrainConfig, task, run: Run):
     from ..images import ImageSpec
     from .data import ImageTransform, PairDataset, ResumableSampler, TextCollator, make_loader, read_records
 
-    records, skips = read_records(cfg.data, task="vqa" if cfg.stage == "vqa" else "caption")
+    kind = "caption" if cfg.stage != "vqa" else "vqa+caption" if cfg.vqa_captions else "vqa"
+    records, skips = read_records(cfg.data, task=kind)
     if skips.total:
         skips.log(log)
     spec = ImageSpec.from_folder(task.folder, task.image_size)

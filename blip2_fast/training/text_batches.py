@@ -119,15 +119,18 @@ class LMBatchBuilder:
         if questions is None or len(questions) != n:
             got = "none" if questions is None else len(questions)
             raise ValueError(f"stage 'vqa' needs one question per text: {n} texts, questions: {got}")
-        return [self.prompt.format(q.strip()) for q in questions]
+        # None: a caption in a vqa+caption finetune, trained behind the empty prompt captioning uses
+        return ["" if q is None else self.prompt.format(q.strip()) for q in questions]
 
     def _after_prompt(self, texts: list[str], prompts: list[str]) -> list[str]:
         return [(" " + t.lstrip()) if p else t for t, p in zip(texts, prompts)]
 
-    def _qformer(self, questions: list[str]) -> tuple[dict, int]:
-        # [CLS] question [SEP], right padding, truncated by the tokenizer (its [SEP] survives)
+    def _qformer(self, questions: list[str | None]) -> tuple[dict, int]:
+        # [CLS] question [SEP], right padding, truncated by the tokenizer (its [SEP] survives); a
+        # caption row (None) gets [CLS] [SEP], as a question-free caption query
         from .data import tokenize_texts
-        ids, mask, n = tokenize_texts(self.qformer_tokenizer, list(questions), self.qformer_max_length)
+        ids, mask, n = tokenize_texts(self.qformer_tokenizer, ["" if q is None else q for q in questions],
+                                      self.qformer_max_length)
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}, n
 
     def _check_vocab(self, out: dict) -> None:
@@ -141,7 +144,8 @@ class LMBatchBuilder:
     # ------------------------------------------------------------------ training batches
     def __call__(self, texts: list[str], questions: list[str] | None = None,
                  generator: torch.Generator | None = None) -> dict:
-        """texts: captions (pretrain/caption) or answers (vqa); questions: vqa only.
+        """texts: captions (pretrain/caption) or answers (vqa); questions: vqa only, None where
+        the row is a caption (trained behind the empty prompt).
         Returns input_ids, attention_mask, labels (+ decoder_attention_mask for FlanT5,
         + qformer_input_ids/qformer_attention_mask for vqa with a Q-Former tokenizer) and
         n_truncated (int)."""

@@ -45,6 +45,7 @@ class TrainConfig:
     unfreeze_vision: bool = False       # caption finetuning
     image_size: int | None = None       # default: the model's
     vqa_qformer_question: bool = True   # vqa: feed the question to the Q-Former (bidirectional mode)
+    vqa_captions: bool = False          # vqa: also train each record's caption behind an empty prompt
     load_in_8bit: bool = False          # stage 2+: frozen LLM with int8 weights
     max_text_length: int = 32
     # data
@@ -118,6 +119,8 @@ class TrainConfig:
                                                          "would freeze one augmentation)"),
             (not (self.cache_features and self.stage == "1"), "cache_features is for stage 2+ (stage 1 "
                                                               "re-reads the ViT features each step anyway)"),
+            (self.stage == "vqa" or not self.vqa_captions, "vqa_captions is for stage vqa (a finetune that "
+                                                            "trains answers and captions)"),
             (self.stage != "1" or self.use_itc or self.use_itm or self.use_itg, "use_itc, use_itm and use_itg "
                                                                                  "are all off"),
         ]
