@@ -101,17 +101,41 @@ def format_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m blip2_fast.miniature",
-                                description="Pretrain the miniature BLIP-2's frozen unimodal models.")
+                                description="Train the miniature BLIP-2 of the world of shapes (issue 7).")
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="tokenizers, ViT, OPT LM, text encoder, initial BLIP-2 folder")
-    pre.add_argument("--out", required=True, help="output folder (created)")
-    pre.add_argument("--quick", action="store_true", help="a few steps of each part (tests)")
-    pre.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser("reproduce", help="the whole recipe: pretraining, stage 1, stage 2, finetune, evaluation")
+    for q in (pre, rep):
+        q.add_argument("--out", required=True, help="output folder (created)")
+        q.add_argument("--quick", action="store_true", help="a few steps of each part (tests)")
+        q.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--ablation", action="store_true", help="also stage 2 + finetune without stage 1")
+    rep.add_argument("--pretrained", help="reuse this finished `pretrain` folder instead of pretraining again")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    summary = pretrain(args.out, quick=args.quick, seed=args.seed, progress=sys.stderr.isatty() or not args.quick)
-    print(format_table(summary))
-    return summary
+    progress = sys.stderr.isatty() or not args.quick
+    if args.command == "pretrain":
+        summary = pretrain(args.out, quick=args.quick, seed=args.seed, progress=progress)
+        print(format_table(summary))
+        return summary
+    from .recipe import reproduce
+    result = reproduce(args.out, quick=args.quick, seed=args.seed, ablation=args.ablation, progress=progress,
+                       pretrained=args.pretrained)
+    print(format_results(result))
+    return result
+
+
+def format_results(result: dict) -> str:
+    """The evaluation of `reproduce` (and of its ablation) as a table, with the stages' times."""
+    keys = [("caption_accuracy", "captioning, all attributes right"), ("vqa_accuracy", "VQA exact answers"),
+            ("text_to_image_r1", "text -> image recall@1"), ("image_to_text_r1", "image -> text recall@1")]
+    runs = [("recipe", result["report"])] + ([("without stage 1", result["ablation"])] if "ablation" in result else [])
+    lines = [f"{'metric':<34}" + "".join(f"{name:>18}" for name, _ in runs)]
+    for key, label in keys:
+        lines.append(f"{label:<34}" + "".join(f"{r[key]:>18.3f}" if key in r else f"{'-':>18}" for _, r in runs))
+    lines.append("")
+    lines += [f"{stage:<34}{seconds:>10.0f} s" for stage, seconds in result["times"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
