@@ -2,9 +2,7 @@
 reaches the issue's recall@1 on galleries of scenes rendered now from a seed never trained on,
 transformers computes the same scores from the same folder, and the CLI and the demo use it
 when no --model is given. The judge is the world itself (`world.caption`), not the model.
-
-No captioning/VQA model ships yet (issue 7 left open: its stage 2 does not learn to use the
-image); the CLI says so clearly, tested below."""
+The captioning/VQA model (`blip2-shapes`) is tested in test_default_generation.py."""
 import json
 import os
 
@@ -96,13 +94,4 @@ def test_retrieve_and_demo_use_the_shipped_model_without_model_flag(tmp_path, ca
         assert captions[int(os.path.basename(best[caption]).split(".")[0])] == caption, caption
     assert main(["demo", "--n", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "Retrieval over these scenes" in out and "ships no captioning model" in out
-
-
-def test_caption_without_model_names_the_missing_default(tmp_path, capsys):
-    if default_model("generation") is not None:
-        pytest.fail("a generation model now ships: replace this test by the caption/VQA threshold tests")
-    path = tmp_path / "scene.png"
-    world.render(world.sample_scene(world.scene_rng(SEED, 0, "eval")), 64).save(path)
-    assert main(["caption", str(path), "--device", "cpu"]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "Retrieval over these scenes" in out

@@ -6,8 +6,9 @@ three tables, each row with the truth beside the model's output:
 - one question per scene, cycling through the world's question types;
 - a small retrieval over the same n scenes: the best image for each caption and the best
   caption for each image (ITC over all pairs, ITM rerank);
-and the throughput of each part. Without a --model and with no shipped captioning model, the
-first two are skipped with a line saying so. `--save DIR` also writes the images, to try the other commands on.
+and the throughput of each part. The models are the shipped `blip2-shapes` and
+`blip2-shapes-itm` unless --model / --retrieval-model name others; in an install without the
+captioning folder the first two tables are skipped with a line saying so. `--save DIR` also writes the images, to try the other commands on.
 """
 from __future__ import annotations
 
@@ -110,12 +111,11 @@ def demo_main(args: dict) -> int:
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="retrieve among freshly rendered shape scenes with the shipped model "
-                                    "(and caption them, question them with --model)")
+    p = sub.add_parser("demo", help="caption, question and retrieve freshly rendered shape scenes with the "
+                                    "shipped models")
     p.add_argument("--n", type=int, default=8, help="scenes to render (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="captioning/VQA model folder (default: the shipped one; none ships yet, "
-                                        "so without it captions and questions are skipped)")
+    p.add_argument("--model", help="captioning/VQA model folder (default: the shipped blip2-shapes)")
     p.add_argument("--retrieval-model", help="retrieval model folder (default: the shipped blip2-shapes-itm)")
     p.add_argument("--device", help="cpu, cuda ... (default cuda when available)")
     p.add_argument("--save", metavar="DIR", help="also write the rendered images as PNG files into DIR")
