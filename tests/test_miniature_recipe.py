@@ -11,13 +11,33 @@ from types import SimpleNamespace
 
 from blip2_fast import world
 from blip2_fast.miniature.evaluate import render_scenes, retrieval_recall
-from blip2_fast.miniature.recipe import reproduce, write_stage2_texts
+from blip2_fast.miniature.recipe import write_stage2_texts
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """Through the command line the README gives (`python -m blip2_fast.miniature reproduce`)."""
+    import contextlib
+    import io
+
+    from blip2_fast.miniature.__main__ import main as miniature_main
     out = tmp_path_factory.mktemp("recipe")
-    return reproduce(str(out), quick=True, progress=False, ablation=True), out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = miniature_main(["reproduce", "--out", str(out), "--quick", "--ablation"])
+    result["printed"] = printed.getvalue()
+    return result, out
+
+
+def test_reproduce_prints_both_columns_of_the_table(run):
+    result, _ = run
+    lines = result["printed"].splitlines()  # the training runs' own step lines come first
+    header = next(line for line in lines if line.startswith("metric "))
+    assert "recipe" in header and "without stage 1" in header
+    row = next(line for line in lines if line.startswith("VQA exact answers")).split()
+    assert [float(x) for x in row[-2:]] == pytest.approx([result["report"]["vqa_accuracy"],
+                                                         result["ablation"]["vqa_accuracy"]], abs=5e-4)
+    assert any(line.startswith("stage 1 ") for line in lines)
 
 
 def test_every_stage_ran_through_the_cli_and_wrote_its_metrics(run):
