@@ -72,6 +72,11 @@ def test_vqa_plus_caption_reads_each_caption_and_then_its_questions(tmp_path):
     assert recs == [Record(a, "only a caption"), Record(a, "yes", "q?")] and skips.counts == {"empty text": 1}
     with pytest.raises(DataError, match="missing key 'question'"):  # plain vqa still wants a question
         read_records(str(extra), task="vqa")
+    asked = tmp_path / "asked.jsonl"
+    asked.write_text("\n".join(json.dumps(o) for o in (
+        {"image": "a.png", "question": "q?", "answer": "yes"}, {"image": "a.png", "question": " ", "answer": "no"})))
+    recs, skips = read_records(str(asked), task="vqa")  # plain vqa skips a blank question too
+    assert recs == [Record(a, "yes", "q?")] and skips.counts == {"empty text": 1}
 
 
 def test_collator_keeps_captions_beside_questions():
@@ -165,6 +170,10 @@ def test_tar_shards_by_pattern_list_and_bytes(tmp_path):
     qa, skips = read_records(str(tmp_path / "shard-000.tar"), task="vqa")
     assert qa == [Record(f"tar://{tmp_path}/shard-000.tar#part0/sample1.png", "ans 01", "q?")]
     assert skips.counts == {"no questions": 2}  # the two .txt-only samples
+    both, skips = read_records(str(tmp_path / "shard-000.tar"), task="vqa+caption")
+    member = lambda k: f"tar://{tmp_path}/shard-000.tar#part0/sample{k}.png"
+    assert both == [Record(member(0), "text 00"), Record(member(1), "json 01"), Record(member(1), "ans 01", "q?"),
+                    Record(member(2), "text 02")] and skips.total == 0  # .txt captions, the .json's caption + question
     ds = PairDataset(recs, ImageTransform(8))
     ref = preprocess([Image.open(tmp_path / "src" / "00.png")], ImageSpec(height=8, width=8))[0]
     assert torch.equal(ds[0]["pixel_values"], ref)

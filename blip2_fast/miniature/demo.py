@@ -8,7 +8,8 @@ three tables, each row with the truth beside the model's output:
   caption for each image (ITC over all pairs, ITM rerank);
 and the throughput of each part. The models are the shipped `blip2-shapes` and
 `blip2-shapes-itm` unless --model / --retrieval-model name others; in an install without the
-captioning folder the first two tables are skipped with a line saying so. `--save DIR` also writes the images, to try the other commands on.
+captioning folder the first two tables are skipped with a line saying so. `--save DIR` also
+writes the images, to try the other commands on.
 """
 from __future__ import annotations
 

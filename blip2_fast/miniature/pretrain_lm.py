@@ -25,8 +25,7 @@ accuracy 0.72. Given the scene's caption in front (`in_context_loss`, 400 scenes
 which the context gives word for word, 0.063 (0.655 alone: the LM copies); question lines 0.287
 (0.433 alone: it reads the answer from the caption, imperfectly -- an LM trained the same way
 answered 0.71 of the questions with the true caption in front, 0.30 of "what shape is on the
-left?"). See `pretrain_lm` for
-the document mix and what else was tried.
+left?"). See `pretrain_lm` for the document mix and what else was tried.
 """
 from __future__ import annotations
 

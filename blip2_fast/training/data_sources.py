@@ -188,8 +188,12 @@ class _Builder:
         if not image.startswith(TAR_PREFIX):
             image = os.path.normpath(os.path.join(self.base, image))
         for question, text in pairs:
-            no_question = (self.task == "vqa" and question is None) or (question is not None and not question.strip())
-            if not text.strip() or (self.task != "caption" and no_question):
+            # vqa needs a question; vqa+caption takes None (a caption row) but not an empty one
+            if self.task == "vqa":
+                blank = not (question or "").strip()
+            else:
+                blank = question is not None and not question.strip()
+            if not text.strip() or (self.task != "caption" and blank):
                 self.skips.add("empty text", where)
             elif self.check_files and not image.startswith(TAR_PREFIX) and not os.path.exists(image):
                 self.skips.add("missing image", image)
