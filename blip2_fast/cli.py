@@ -47,11 +47,16 @@ class Settings:
 
 
 class Engine:
-    """A loaded model with its tokenizer and image settings: (pixels, prompts) -> texts."""
+    """A loaded model with its tokenizer and image settings: (pixels, prompts) -> texts.
 
-    def __init__(self, model, tokenizer, spec):
+    A model whose Q-Former was finetuned to read the question (`model.reads_question`, BLIP-2's
+    VQA finetune) also gets each question through `qformer_tokenizer` (its folder's
+    `qformer_tokenizer/`); a caption, with no question, runs the queries alone."""
+
+    def __init__(self, model, tokenizer, spec, qformer_tokenizer=None):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.config = model.config
+        self.qformer_tokenizer = qformer_tokenizer
 
     @classmethod
     def load(cls, model: str | None, dtype: str | None = None, device: str | None = None) -> "Engine":
@@ -68,7 +73,8 @@ class Engine:
         # bf16 on GPUs: BLIP-2 ran OPT in fp16 but FlanT5 in bf16 (fp16 overflows); bf16 suits both
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         net = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
-        return cls(net, tokenizer, ImageSpec.from_folder(folder, net.config.vision.image_size))
+        qformer_tokenizer = load_qformer_tokenizer(folder) if net.reads_question else None
+        return cls(net, tokenizer, ImageSpec.from_folder(folder, net.config.vision.image_size), qformer_tokenizer)
 
     @property
     def template(self) -> str:
@@ -87,11 +93,30 @@ class Engine:
         return (torch.cat([placeholders, enc["input_ids"]], 1),
                 torch.cat([torch.ones_like(placeholders), enc["attention_mask"]], 1))
 
-    def generate(self, pixel_values, prompts: list[str], settings: Settings) -> list[str]:
+    def encode_questions(self, questions: list[str | None]) -> dict:
+        """qformer_input_ids / qformer_attention_mask for a question-reading model ({} for others,
+        and for a batch without a question, so that captions take transformers' path exactly)."""
+        if self.qformer_tokenizer is None or all(q is None or not q.strip() for q in questions):
+            return {}
+        from .training.text_batches import qformer_question_inputs
+
+        limit = self.config.qformer.max_position_embeddings
+        out, n_long = qformer_question_inputs(self.qformer_tokenizer, questions, limit)
+        if n_long:
+            raise CLIError(f"a question is longer than the Q-Former's {limit} positions")
+        return out
+
+    def generate(self, pixel_values, prompts: list[str], settings: Settings,
+                 questions: list[str | None] | None = None) -> list[str]:
+        """Texts after each prompt. questions: the bare question of each row (None for a caption),
+        fed to the Q-Former when the model reads them."""
         ids, mask = self.encode(prompts)
+        if questions is not None and len(questions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(questions)} questions")
         out = self.model.generate(pixel_values, input_ids=ids, attention_mask=mask, num_beams=settings.beams,
                                   max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                                  length_penalty=settings.length_penalty)
+                                  length_penalty=settings.length_penalty,
+                                  **self.encode_questions(questions or [None] * len(prompts)))
         # decoder-only: prompt ids come back in front; encoder-decoder: the decoder start token
         new = out[:, 1:] if self.config.is_encoder_decoder else out[:, ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
@@ -148,6 +173,20 @@ def load_tokenizer(folder: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_qformer_tokenizer(folder: str):
+    """The Q-Former's BERT-style tokenizer, saved as `qformer_tokenizer/` in the model folder
+    (InstructBLIP's processor layout; our training exports carry it)."""
+    path = os.path.join(folder, "qformer_tokenizer")
+    if not os.path.isdir(path):
+        raise CLIError(f"{folder}: its Q-Former reads the question (config vqa_qformer_question) but the folder has "
+                       f"no qformer_tokenizer/ to tokenise it with; copy in the tokenizer it was trained with")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many types here; all mean "unusable tokenizer"
+        raise CLIError(f"{path}: cannot load the Q-Former tokenizer ({type(err).__name__}: {err})") from None
 
 
 def _settings(kind: str, beams, max_new_tokens, min_new_tokens, length_penalty) -> Settings:
@@ -214,7 +253,7 @@ def vqa(image: str, question: str, model: str | None, prompt: str | None = None,
     settings = _settings("vqa", beams, max_new_tokens, min_new_tokens, length_penalty)
     engine = Engine.load(model, dtype, device)
     answer = engine.generate(load_images([image], engine.spec), [_template(engine, prompt).format(question)],
-                             settings)[0]
+                             settings, questions=[question])[0]
     _emit(out, json_output, {"image": image, "question": question, "answer": answer}, answer)
     return 0
 
@@ -254,7 +293,8 @@ def chat(image: str, model: str | None, prompt: str | None = None, beams: int | 
         while history and limit and \
                 engine.prompt_length(" ".join(history + [turn])) + settings.max_new_tokens > limit:
             history.pop(0)
-        answer = engine.generate(pixels, [" ".join(history + [turn])], settings)[0]
+        # the LLM reads the conversation; a question-reading Q-Former reads the question at hand
+        answer = engine.generate(pixels, [" ".join(history + [turn])], settings, questions=[question])[0]
         history.append(f"{turn} {answer}")
         _emit(out, json_output, {"question": question, "answer": answer}, answer)
     return 0

@@ -126,9 +126,71 @@ def make_tiny_folder(folder: str, text: str = "opt", seed: int = 0, with_process
     return model
 
 
+def add_question_reading_(folder: str, seed: int = 0) -> str:
+    """Make a tiny folder's Q-Former read VQA questions, as `blip2-fast train --stage vqa` leaves
+    one: random Q-Former text embeddings (`embeddings.*`), config `vqa_qformer_question`, and a
+    `qformer_tokenizer/` covering the model's words."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    q = config["qformer_config"]
+    gen = torch.Generator().manual_seed(seed)
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    state["embeddings.word_embeddings.weight"] = 0.2 * torch.randn(q["vocab_size"], q["hidden_size"], generator=gen)
+    state["embeddings.position_embeddings.weight"] = 0.2 * torch.randn(q["max_position_embeddings"],
+                                                                       q["hidden_size"], generator=gen)
+    save_file(state, path, metadata={"format": "pt"})
+    config["vqa_qformer_question"] = True
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    make_qformer_tokenizer(os.path.join(folder, "qformer_tokenizer"))
+    return folder
+
+
+def instructblip_reference(folder: str):
+    """transformers' InstructBlipForConditionalGeneration holding a question-reading BLIP-2
+    folder's weights: the independent reference for VQA with the question in the Q-Former.
+
+    InstructBLIP's Q-Former is BLIP-2's with the question beside the queries; only names differ:
+    its `qformer.embeddings` holds the word and position embeddings (our `embeddings.*`, from
+    Blip2ForImageTextRetrieval) and the LayerNorm of the concatenation (our `qformer.layernorm`,
+    which BLIP-2 applies to the queries alone). Stage-1 heads are left out."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        d = json.load(f)
+    config = InstructBlipConfig(vision_config=d["vision_config"], qformer_config=d["qformer_config"],
+                                text_config=d["text_config"], num_query_tokens=d["num_query_tokens"],
+                                image_token_index=d["image_token_index"])
+    model = InstructBlipForConditionalGeneration(config)
+    state = {}
+    for key, tensor in load_file(os.path.join(folder, "model.safetensors")).items():
+        if key.startswith("qformer.layernorm."):
+            key = "qformer.embeddings." + key[len("qformer."):]
+        elif key.startswith("embeddings."):
+            key = "qformer." + key
+        state[key] = tensor
+    if "language_model.lm_head.weight" not in state:  # tied, and not written
+        state["language_model.lm_head.weight"] = state["language_model.model.decoder.embed_tokens.weight"]
+    result = model.load_state_dict(state, strict=False)
+    heads = ("itm_head.", "vision_projection.", "text_projection.", "qformer_lm_head.", "temp")
+    if result.missing_keys or any(not k.startswith(heads) for k in result.unexpected_keys):
+        raise ValueError(f"{folder}: not an InstructBLIP-shaped checkpoint (missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys})")
+    return model.eval()
+
+
 def random_pixels(batch: int, size: int = 28, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["make_tokenizer", "make_qformer_tokenizer", "hf_config", "randomize_", "make_tiny_folder", "random_pixels"]
+__all__ = ["make_tokenizer", "make_qformer_tokenizer", "hf_config", "randomize_", "make_tiny_folder",
+           "add_question_reading_", "instructblip_reference", "random_pixels"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

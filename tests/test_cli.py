@@ -152,8 +152,8 @@ def test_subprocess_python_m(tiny, models):
 def test_vqa_uses_opt_template_and_defaults(tiny, models, capsys, monkeypatch):
     seen = []
     real = cli.Engine.generate
-    monkeypatch.setattr(cli.Engine, "generate", lambda self, px, prompts, s: seen.append((prompts, s)) or
-                        real(self, px, prompts, s))
+    monkeypatch.setattr(cli.Engine, "generate", lambda self, px, prompts, s, **kw: seen.append((prompts, s)) or
+                        real(self, px, prompts, s, **kw))
     code, out, _ = run(capsys, "vqa", tiny.images[1], "--question", "what color", "--model", tiny.folder)
     assert code == 0
     assert seen[0][0] == ["Question: what color Answer:"]
@@ -195,6 +195,70 @@ def test_chat_reads_two_questions(tiny, models, capsys, monkeypatch):
     _, a1 = expected(models, tiny.images[:1], [first], **gen)
     _, a2 = expected(models, tiny.images[:1], [f"{first} {a1[0]} Question: how many shapes Answer:"], **gen)
     assert [r["answer"] for r in rows] == [a1[0], a2[0]]
+
+
+# ---------------------------------------------------------------------------- question-reading Q-Former
+@pytest.fixture(scope="module")
+def reader(tiny):
+    """The tiny folder made question-reading (as a VQA finetune leaves it), with transformers'
+    InstructBLIP on the same weights as the reference and BLIP-2's processor for the LLM side."""
+    import shutil
+
+    from transformers import Blip2Processor
+
+    from blip2_fast.testing import add_question_reading_, instructblip_reference, make_qformer_tokenizer
+    folder = str(tiny.root / "reader")
+    shutil.copytree(tiny.folder, folder)
+    add_question_reading_(folder)
+    return SimpleNamespace(folder=folder, ref=instructblip_reference(folder), qtok=make_qformer_tokenizer(),
+                           processor=Blip2Processor.from_pretrained(folder))
+
+
+def instructblip_answers(reader, path, prompts, questions, **gen):
+    """New tokens of InstructBLIP, the question tokenised by the Q-Former tokenizer itself."""
+    inputs = reader.processor(images=[Image.open(path)] * len(prompts), text=prompts, return_tensors="pt",
+                              padding=True)
+    q = reader.qtok(questions, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = reader.ref.generate(**inputs, qformer_input_ids=q["input_ids"],
+                                  qformer_attention_mask=q["attention_mask"], **gen)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in reader.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def test_vqa_and_chat_feed_the_question_to_a_question_reading_qformer(tiny, models, reader, capsys, monkeypatch):
+    """vqa and chat answer as InstructBLIP does with the question in its Q-Former (chat: the
+    conversation to the LLM, the question at hand to the Q-Former); captions run the queries
+    alone, as transformers' BLIP-2 does."""
+    gen = dict(num_beams=1, length_penalty=-1.0, **GEN)
+    first = "Question: what color Answer:"
+    want = instructblip_answers(reader, tiny.images[0], [first], ["what color"], **gen)
+    code, out, _ = run(capsys, "vqa", tiny.images[0], "-q", "what color", "--model", reader.folder, "--beams", 1,
+                       *gen_args(**GEN))
+    assert code == 0 and out.strip() == want[0]
+    _, unread = expected(models, tiny.images[:1], [first], **gen)  # the same weights, the question unread
+    other = instructblip_answers(reader, tiny.images[0], [first], ["how many shapes"], **gen)
+    assert want != unread or want != other  # the Q-Former's question matters here
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what color\nhow many shapes\n"))
+    code, out, _ = run(capsys, "chat", tiny.images[0], "--model", reader.folder, "--json", "--beams", 1,
+                       *gen_args(**GEN))
+    second = f"{first} {want[0]} Question: how many shapes Answer:"
+    assert code == 0 and [json.loads(line)["answer"] for line in out.splitlines()] == \
+        want + instructblip_answers(reader, tiny.images[0], [second], ["how many shapes"], **gen)
+
+    _, captions = expected(models, tiny.images[:2], None, num_beams=1, **GEN)
+    code, out, _ = run(capsys, "caption", *tiny.images[:2], "--model", reader.folder, "--beams", 1, *gen_args(**GEN))
+    assert code == 0 and [line.split("\t")[1] for line in out.splitlines()] == captions
+
+
+def test_a_question_reading_model_without_its_qformer_tokenizer_is_refused(reader, tiny, capsys, tmp_path):
+    import shutil
+    folder = tmp_path / "no_qtok"
+    shutil.copytree(reader.folder, folder)
+    shutil.rmtree(folder / "qformer_tokenizer")
+    code, out, err = run(capsys, "vqa", tiny.images[0], "-q", "what color", "--model", folder)
+    assert code == 2 and "no qformer_tokenizer/" in err and "Traceback" not in err and out == ""
 
 
 # ---------------------------------------------------------------------------- errors

@@ -53,7 +53,20 @@ def test_report_has_every_metric(run):
     for key in ("caption_accuracy", "vqa_accuracy", "text_to_image_r1", "image_to_text_r1"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["questions"] > report["images"]  # several questions per scene
+    assert set(report["vqa_accuracy_by_type"]) == {"how many shapes are there?", "is there a C S?",
+                                                   "what color is the S?", "what shape is on the left?",
+                                                   "what shape is on the right?"}
     assert "caption_accuracy" in run[0]["ablation"]
+
+
+def test_the_finetune_taught_the_qformer_to_read_the_question(run):
+    """As the paper's VQA finetune: the shipped model's config says its Q-Former reads the question,
+    so the CLI and the evaluation feed it (tests/test_cli.py checks that against InstructBLIP)."""
+    from blip2_fast.cli import Engine
+
+    engine = Engine.load(run[0]["final"], device="cpu")
+    assert engine.model.reads_question and engine.qformer_tokenizer is not None
+    assert engine.encode_questions([None, "how many shapes are there?"])["qformer_attention_mask"][0].sum() == 0
 
 
 def test_shipped_generation_folder_matches_transformers(run):

@@ -346,6 +346,27 @@ def test_question_conditioned_queries_and_vqa_loss(opt, vqa_folder):
     assert dead == []  # every trained tensor is reached (the last layer's text feed-forward is not trained)
 
 
+def test_caption_rows_of_a_question_batch_run_the_queries_alone(vqa_folder, opt):
+    """A vqa+caption batch with the question fed to the Q-Former: a caption row (question None)
+    gets a mask of zeros, so its soft prompt is the one transformers' Blip2ForConditionalGeneration
+    computes without any Q-Former text -- what captioning runs at inference."""
+    m = Blip2ForConditionalGeneration.from_pretrained(vqa_folder).eval()
+    batch = LMBatchBuilder(make_tokenizer(), m.config, "vqa", qformer_tokenizer=bert_tokenizer())(
+        [CAPTIONS[0], "blue", CAPTIONS[1]], questions=[None, QUESTIONS[0], None])
+    qmask = batch["qformer_attention_mask"]
+    assert qmask[0].sum() == 0 and qmask[2].sum() == 0 and qmask[1].sum() == len(QUESTIONS[0].split()) + 2
+    pixels = random_pixels(3, seed=11)
+    with torch.no_grad():
+        mixed = m.get_image_features(pixels, qformer_input_ids=batch["qformer_input_ids"],
+                                     qformer_attention_mask=qmask).pooler_output
+        hf = opt[0]  # transformers: vision -> queries alone through the Q-Former -> projection
+        image = hf.vision_model(pixel_values=pixels).last_hidden_state
+        queries = hf.qformer(query_embeds=hf.query_tokens.expand(3, -1, -1), encoder_hidden_states=image)
+        ref = hf.language_projection(queries.last_hidden_state)
+    assert (mixed[[0, 2]] - ref[[0, 2]]).abs().max() <= 1e-5
+    assert (mixed[1] - ref[1]).abs().max() > 1e-3  # the question row does read its question
+
+
 def test_generate_with_questions_batch_equals_single(vqa_folder):
     m = Blip2ForConditionalGeneration.from_pretrained(vqa_folder)
     build = LMBatchBuilder(make_tokenizer(), m.config, "vqa", qformer_tokenizer=bert_tokenizer())

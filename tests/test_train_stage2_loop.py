@@ -71,8 +71,9 @@ def test_finetune_stages_run_and_export(folder, world, tmp_path, stage):
 
 
 def test_vqa_with_question_in_the_qformer(world, tmp_path):
-    """A folder whose Q-Former has text embeddings: the question conditions the queries and the
-    embeddings are trained (their values change)."""
+    """A folder whose Q-Former has text embeddings: the question conditions the queries, the
+    embeddings are trained (their values change), and the export says its Q-Former reads the
+    question (config `vqa_qformer_question`), which a later finetune without it takes back."""
     from blip2_fast.models.blip2 import Blip2ForConditionalGeneration
     from blip2_fast.training.stage2 import Blip2Stage2
 
@@ -90,6 +91,16 @@ def test_vqa_with_question_in_the_qformer(world, tmp_path):
     trained = result["task"].trainable_state_dict()
     assert "embeddings.word_embeddings.weight" in trained
     assert not torch.equal(trained["embeddings.word_embeddings.weight"], net.embeddings.word_embeddings.weight)
+    assert not net.reads_question  # the start folder's Q-Former was never taught to
+    exported = Blip2ForConditionalGeneration.from_pretrained(result["exported"])
+    with open(os.path.join(result["exported"], "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["vqa_qformer_question"] is True
+    assert exported.reads_question
+    again = train(config(result["exported"], world, tmp_path / "plain", stage="vqa", steps=1,
+                         vqa_qformer_question=False))
+    with open(os.path.join(again["exported"], "config.json"), encoding="utf-8") as f:
+        assert "vqa_qformer_question" not in json.load(f)
+    assert not Blip2ForConditionalGeneration.from_pretrained(again["exported"]).reads_question
 
 
 def test_feature_cache_gives_the_same_losses(world, tmp_path):

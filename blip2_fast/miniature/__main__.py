@@ -133,6 +133,10 @@ def format_results(result: dict) -> str:
     lines = [f"{'metric':<34}" + "".join(f"{name:>18}" for name, _ in runs)]
     for key, label in keys:
         lines.append(f"{label:<34}" + "".join(f"{r[key]:>18.3f}" if key in r else f"{'-':>18}" for _, r in runs))
+    types = sorted({t for _, r in runs for t in r.get("vqa_accuracy_by_type", {})})
+    for t in types:  # VQA per question type (colour and shape words as C and S)
+        row = [r.get("vqa_accuracy_by_type", {}).get(t) for _, r in runs]
+        lines.append(f"{'  ' + t:<34}" + "".join(f"{v:>18.3f}" if v is not None else f"{'-':>18}" for v in row))
     lines.append("")
     lines += [f"{stage:<34}{seconds:>10.0f} s" for stage, seconds in result["times"].items()]
     return "\n".join(lines)

@@ -70,10 +70,25 @@ def vqa_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> tupl
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         prompts = [engine.template.format(q) for _, q, _ in chunk]
-        preds = engine.generate(_pixels(engine, [c[0] for c in chunk]), prompts, s)
+        preds = engine.generate(_pixels(engine, [c[0] for c in chunk]), prompts, s, questions=[q for _, q, _ in chunk])
         out += [(q, a, p) for (_, q, a), p in zip(chunk, preds)]
     rate = len(out) / (time.perf_counter() - start)
     return sum(p.strip().lower() == a for _, a, p in out) / len(out), out, rate
+
+
+def question_type(question: str) -> str:
+    """The world's question with its colour and shape words replaced by C and S
+    ("is there a C S?"): the key of the per-type accuracies."""
+    words = [("C" if w in world.COLORS else "S" if w in world.SHAPES else w) for w in question[:-1].split()]
+    return " ".join(words) + question[-1]
+
+
+def accuracy_by_type(answers: list) -> dict:
+    """{question type: exact-match fraction} over [(question, answer, predicted)]."""
+    hits: dict[str, list[bool]] = {}
+    for q, a, p in answers:
+        hits.setdefault(question_type(q), []).append(p.strip().lower() == a)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
 def retrieval_recall(retriever, data: Scenes, gallery: int = 100, k: int = 16) -> dict:
@@ -110,6 +125,7 @@ def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int 
         vqa, answers, vqa_rate = vqa_accuracy(engine, data)
     report = {"images": n, "seed": seed, "caption_accuracy": cap, "captions_per_s": cap_rate,
               "vqa_accuracy": vqa, "questions": len(answers), "answers_per_s": vqa_rate,
+              "vqa_accuracy_by_type": accuracy_by_type(answers),
               "caption_examples": [(world.caption(s), c) for s, c in zip(data.scenes[:5], captions[:5])],
               "vqa_examples": answers[:5]}
     if retrieval_folder:
@@ -119,4 +135,5 @@ def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int 
     return report
 
 
-__all__ = ["Scenes", "render_scenes", "caption_accuracy", "vqa_accuracy", "retrieval_recall", "evaluate"]
+__all__ = ["Scenes", "render_scenes", "caption_accuracy", "vqa_accuracy", "question_type", "accuracy_by_type",
+           "retrieval_recall", "evaluate"]

@@ -13,6 +13,10 @@ names): queries and question tokens run together in the bidirectional mode and o
 outputs feed `language_projection`. transformers' Blip2ForConditionalGeneration has no such
 input and ignores `embeddings.*` in a folder; a folder it wrote has none, and then our model is
 built without them (no question conditioning; passing qformer_input_ids is an error).
+A model finetuned that way (`blip2-fast train --stage vqa`, as BLIP-2's VQA finetune and
+InstructBLIP do) says so in its config, `"vqa_qformer_question": true`
+(`reads_question`): the CLI and the evaluation then feed each question to its Q-Former, and
+captions (no question) run the queries alone, as transformers' class always does.
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ def build_language_model(config: Blip2Config) -> nn.Module:
 # miniature model ships its start folder): transformers' class ignores them, and so do we
 RETRIEVAL_ONLY_KEYS = ("vision_projection.", "text_projection.", "itm_head.", "qformer_lm_head.", "temp")
 TEXT_EMBEDDING_KEYS = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
+# config.json key: the Q-Former was finetuned to read the VQA question (module docstring)
+QUESTION_CONFIG_KEY = "vqa_qformer_question"
 
 
 class Blip2ForConditionalGeneration(nn.Module):
@@ -83,6 +89,12 @@ class Blip2ForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.query_tokens.device
+
+    @property
+    def reads_question(self) -> bool:
+        """Whether questions should go to the Q-Former: it was finetuned so (config key
+        `vqa_qformer_question`) and this model has the text embeddings to read them."""
+        return self.embeddings is not None and bool(self.config.extra.get(QUESTION_CONFIG_KEY, False))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()

@@ -98,7 +98,19 @@ class Stage2Task:
         return text, truncated
 
     def export_config(self) -> dict | None:
-        return None
+        """A vqa finetune records whether its Q-Former learnt to read the question (what the CLI and
+        the evaluation then feed it); other stages leave the start folder's config as it is."""
+        if self.cfg.stage != "vqa":
+            return None
+        from ..config import hf_config_dict_from_file
+        from ..models.blip2 import QUESTION_CONFIG_KEY
+
+        d = hf_config_dict_from_file(self.folder)
+        if self.model.qformer_text_input:
+            d[QUESTION_CONFIG_KEY] = True
+        else:
+            d.pop(QUESTION_CONFIG_KEY, None)  # retrained without it: a start folder's claim no longer holds
+        return d
 
 
 __all__ = ["Stage2Task"]

@@ -47,6 +47,22 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
+def qformer_question_inputs(tokenizer, questions: list[str | None], max_length: int) -> tuple[dict, int]:
+    """The Q-Former side of VQA rows: ({qformer_input_ids, qformer_attention_mask}, n_truncated).
+
+    [CLS] question [SEP], right padding, truncated by the tokenizer (its [SEP] survives). A row
+    without a question (None or blank: a caption row of a vqa+caption finetune, or a caption
+    asked of a question-reading model) gets a mask of zeros: its queries attend to no text and
+    compute exactly what a call without qformer_input_ids computes, which is how captions are
+    generated (and all transformers' Blip2ForConditionalGeneration can do)."""
+    from .data import tokenize_texts
+
+    blank = [q is None or not q.strip() for q in questions]
+    ids, mask, n = tokenize_texts(tokenizer, ["" if b else q for q, b in zip(questions, blank)], max_length)
+    mask[torch.tensor(blank, dtype=torch.bool)] = 0
+    return {"qformer_input_ids": ids, "qformer_attention_mask": mask}, n
+
+
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -126,12 +142,7 @@ class LMBatchBuilder:
         return [(" " + t.lstrip()) if p else t for t, p in zip(texts, prompts)]
 
     def _qformer(self, questions: list[str | None]) -> tuple[dict, int]:
-        # [CLS] question [SEP], right padding, truncated by the tokenizer (its [SEP] survives); a
-        # caption row (None) gets [CLS] [SEP], as a question-free caption query
-        from .data import tokenize_texts
-        ids, mask, n = tokenize_texts(self.qformer_tokenizer, ["" if q is None else q for q in questions],
-                                      self.qformer_max_length)
-        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}, n
+        return qformer_question_inputs(self.qformer_tokenizer, questions, self.qformer_max_length)
 
     def _check_vocab(self, out: dict) -> None:
         # here, in the data workers: on the GPU an out-of-range id is an opaque device-side assert
@@ -227,4 +238,4 @@ class LMBatchBuilder:
         return out
 
 
-__all__ = ["LMBatchBuilder", "STAGES", "DEFAULT_PROMPTS", "IGNORE"]
+__all__ = ["LMBatchBuilder", "qformer_question_inputs", "STAGES", "DEFAULT_PROMPTS", "IGNORE"]
