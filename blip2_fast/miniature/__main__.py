@@ -137,6 +137,14 @@ def format_results(result: dict) -> str:
     for t in types:  # VQA per question type (colour and shape words as C and S)
         row = [r.get("vqa_accuracy_by_type", {}).get(t) for _, r in runs]
         lines.append(f"{'  ' + t:<34}" + "".join(f"{v:>18.3f}" if v is not None else f"{'-':>18}" for v in row))
+    paired = result.get("ablation_paired")
+    if paired:
+        lines += ["", f"paired on {paired['images']} other fresh scenes (seed {paired['seed']}): recipe, without stage 1, "
+                      f"items only each got right, McNemar z"]
+        for key, label in (("caption", "captioning, all attributes right"), ("vqa", "VQA exact answers")):
+            p = paired[key]
+            lines.append(f"{label:<34}{p['accuracy_a']:>18.3f}{p['accuracy_b']:>18.3f}{p['only_a']:>8d}{p['only_b']:>8d}"
+                         f"{p['mcnemar_z']:>8.2f}")
     lines.append("")
     lines += [f"{stage:<34}{seconds:>10.0f} s" for stage, seconds in result["times"].items()]
     return "\n".join(lines)

@@ -178,7 +178,7 @@ def _prefetched(seed: int, batch_size: int, resolutions, steps: int, fixed: bool
             yield batch
 
 
-def pretrain_vision(out_dir: str, steps: int = 10000, batch_size: int = 16, seed: int = 0, lr: float = 1e-3,
+def pretrain_vision(out_dir: str, steps: int = 14000, batch_size: int = 16, seed: int = 0, lr: float = 1e-3,
                     warmup: int = 100, weight_decay: float = 0.05, n_val: int = 1000,
                     resolutions=(64,), patch_weight: float = 1.0, fixed_batch: bool = False,
                     progress: bool = True) -> dict:

@@ -23,7 +23,10 @@
      `blip2-shapes-itm` (retrieval: the stage-1 Q-Former with its ITC/ITM heads, since stages 3-4
      retrain the Q-Former for the LLM and BLIP-2 ships its retrieval model from stage 1 too);
   6. evaluation on fresh seeds (`evaluate.evaluate`) and, with `ablation=True`, the paper's
-     ablation in miniature: stage 2 (+ the same VQA finetune) without stage 1.
+     ablation in miniature: stage 2 (+ the same VQA finetune) without stage 1, judged on 200
+     scenes like the recipe and, paired with the recipe's model, on 1000 more
+     (`evaluate.paired_comparison`: the gap is a point or two, which only a paired test on that
+     many scenes tells from the luck of the draw).
 
 `python -m blip2_fast.miniature reproduce --out DIR [--ablation] [--quick]`.
 """
@@ -39,9 +42,9 @@ from .. import world
 # measured on a 2-core CPU; --quick shrinks everything to a smoke test
 FULL = dict(train_images=6000, stage1=dict(steps=1500, batch_size=64, lr=1e-3),
             stage2=dict(steps=1500, batch_size=64, lr=1e-3), vqa=dict(steps=1000, batch_size=64, lr=5e-4),
-            eval_images=200)
+            eval_images=200, ablation_images=1000)
 QUICK = dict(train_images=64, stage1=dict(steps=3, batch_size=8, lr=1e-3), stage2=dict(steps=3, batch_size=8, lr=1e-3),
-             vqa=dict(steps=2, batch_size=8, lr=3e-4), eval_images=100)
+             vqa=dict(steps=2, batch_size=8, lr=3e-4), eval_images=100, ablation_images=100)
 RETRIEVAL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -100,10 +103,11 @@ def write_retrieval_folder(stage1_model: str, qformer_tokenizer: str, out: str) 
 
 def reproduce(out: str, quick: bool = False, seed: int = 0, ablation: bool = False, progress: bool = True,
               pretrained: str | None = None) -> dict:
-    """Run the recipe into `out`; returns {"times", "final", "itm", "report", ("ablation")}.
+    """Run the recipe into `out`; returns {"times", "final", "itm", "report", ("ablation",
+    "ablation_paired")}.
     `pretrained`: reuse a finished step-1 folder instead of pretraining again."""
     from .__main__ import pretrain
-    from .evaluate import evaluate
+    from .evaluate import evaluate, paired_comparison
 
     sizes, times = (QUICK if quick else FULL), {}
     t0 = time.perf_counter()
@@ -147,6 +151,9 @@ def reproduce(out: str, quick: bool = False, seed: int = 0, ablation: bool = Fal
     if ablation:
         no_s1 = run_stage2_and_vqa(initial, "-without-stage1")
         result["ablation"] = evaluate(no_s1, None, n=sizes["eval_images"], progress=progress)
+        t = time.perf_counter()
+        result["ablation_paired"] = paired_comparison(shipped, no_s1, n=sizes["ablation_images"])
+        times["paired evaluation"] = time.perf_counter() - t
     with open(os.path.join(out, "reproduce.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     return result
