@@ -28,6 +28,11 @@ run, shape is the hard part):
   -- updates matter more than images here; a 8000-step cosine run went 0.34, 0.51, 0.58, 0.66,
   0.73, 0.82, 0.87, 0.89 at each 1000 steps, most of the gain coming as the rate decays; lr 3e-4
   from the start is slower (0.41 at 2000 steps).
+- the default, 14000 steps of batch 16 at lr 1e-3 (cosine), 868 s: shape 1.000 / 0.990 / 0.994
+  (single / left / right), every attribute of the image right for 0.993 of 1000 fresh scenes.
+  At 10000 steps it was 0.912 (shape 0.96 / 0.94 / 0.92, mostly small circles, stars and
+  triangles confused), and the shipped model's captions followed: 0.905 against 0.960 on the
+  recipe's 200 evaluation scenes (the frozen ViT is the captions' ceiling).
 Training renders at 64 px only: the recipe's data sets and the evaluation are rendered at 64.
 """
 from __future__ import annotations
