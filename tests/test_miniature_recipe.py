@@ -38,6 +38,8 @@ def test_reproduce_prints_both_columns_of_the_table(run):
     assert [float(x) for x in row[-2:]] == pytest.approx([result["report"]["vqa_accuracy"],
                                                          result["ablation"]["vqa_accuracy"]], abs=5e-4)
     assert any(line.startswith("stage 1 ") for line in lines)
+    assert any(line.strip().startswith("after 2 steps") for line in lines)  # the early stage-2 rows
+    assert any(line.startswith("VQA exact answers") and len(line.split()) == 8 for line in lines)  # paired row
 
 
 def test_every_stage_ran_through_the_cli_and_wrote_its_metrics(run):
@@ -57,6 +59,11 @@ def test_report_has_every_metric(run):
                                                    "what color is the S?", "what shape is on the left?",
                                                    "what shape is on the right?"}
     assert "caption_accuracy" in run[0]["ablation"]
+    paired, early = run[0]["ablation_paired"], run[0]["ablation_early"]
+    for key in ("caption", "vqa"):  # the discordant counts bound the accuracy gap
+        p = paired[key]
+        assert abs(p["accuracy_a"] - p["accuracy_b"]) * p["items"] == pytest.approx(abs(p["only_a"] - p["only_b"]))
+    assert set(early["steps"]["2"]) == {"recipe", "without stage 1"}
 
 
 def test_the_finetune_taught_the_qformer_to_read_the_question(run):

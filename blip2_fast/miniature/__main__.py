@@ -145,6 +145,11 @@ def format_results(result: dict) -> str:
             p = paired[key]
             lines.append(f"{label:<34}{p['accuracy_a']:>18.3f}{p['accuracy_b']:>18.3f}{p['only_a']:>8d}{p['only_b']:>8d}"
                          f"{p['mcnemar_z']:>8.2f}")
+    early = result.get("ablation_early")
+    if early:
+        lines += ["", f"stage 2 on captions alone for a few steps, captions right on {early['images']} fresh scenes:"]
+        for budget, row in early["steps"].items():
+            lines.append(f"{'  after ' + budget + ' steps':<34}" + "".join(f"{row[name]:>18.3f}" for name, _ in runs))
     lines.append("")
     lines += [f"{stage:<34}{seconds:>10.0f} s" for stage, seconds in result["times"].items()]
     return "\n".join(lines)

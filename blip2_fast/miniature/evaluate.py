@@ -112,6 +112,15 @@ def retrieval_recall(retriever, data: Scenes, gallery: int = 100, k: int = 16) -
             "galleries": len(t2i), "images_per_s": n_img / (time.perf_counter() - start)}
 
 
+def caption_score(folder: str, n: int, seed: int = 99, device: str = "cpu") -> float:
+    """Fraction of n fresh scenes whose caption by `folder` has every attribute right."""
+    from ..cli import Engine
+
+    engine = Engine.load(folder, device=device)
+    with torch.no_grad():
+        return caption_accuracy(engine, render_scenes(n, seed, engine.spec.height))[0]
+
+
 def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 99, device: str = "cpu") -> dict:
     """Two generation folders on the same n fresh scenes (the ablation's test).
 
@@ -165,4 +174,4 @@ def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int 
 
 
 __all__ = ["Scenes", "render_scenes", "caption_accuracy", "vqa_accuracy", "question_type", "accuracy_by_type",
-           "retrieval_recall", "evaluate", "paired_comparison"]
+           "retrieval_recall", "evaluate", "caption_score", "paired_comparison"]
