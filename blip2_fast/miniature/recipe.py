@@ -33,7 +33,8 @@
 What the ablation measured, one training run each (seed 0), is the paper's finding only at the
 start of stage 2. Stage 2 on captions alone (`early_stage2`, 400 scenes judged): after 100
 steps 0.573 of captions right from the stage-1 Q-Former against 0.005 from the initial one
-(whose captions do not yet parse); after 300 steps 0.943 against 0.940. At the recipe's full
+(whose captions do not yet parse), and 0.573 / 0.575 / 0.580 against 0.010 / 0.013 / 0.005 with
+stage-2 seeds 1, 2, 3 on the same folders; after 300 steps 0.943 against 0.940. At the recipe's full
 budget (1500 stage-2 steps + the finetune) the two models are level: captions 0.983 against
 0.982 (paired over 1000 scenes, McNemar z 0.33), VQA 0.969 against 0.975 (z -2.2, the run
 without stage 1 ahead). An earlier run with a 10000-step ViT had stage 1 ahead at the end
