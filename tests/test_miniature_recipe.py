@@ -154,6 +154,29 @@ def test_retrieval_recall_counts_duplicate_captions_as_correct():
     assert scrambled["text_to_image_r1"] < 0.2 and scrambled["image_to_text_r1"] < 0.2
 
 
+def test_mcnemar_counts_the_items_only_one_model_gets_right():
+    from blip2_fast.miniature.evaluate import mcnemar
+
+    a = [True, True, True, False, False, True, True, False]
+    b = [False, True, False, True, False, True, False, False]
+    # by hand: only a right at items 0, 2, 6; only b at 3 -> z = (3 - 1) / sqrt(4) = 1
+    assert mcnemar(a, b) == {"items": 8, "accuracy_a": 5 / 8, "accuracy_b": 3 / 8, "only_a": 3, "only_b": 1,
+                             "mcnemar_z": 1.0}
+    assert mcnemar(a, a)["mcnemar_z"] == 0.0 and mcnemar(b, a)["mcnemar_z"] == -1.0
+    with pytest.raises(ValueError, match="one length"):
+        mcnemar(a, b[:-1])
+
+
+def test_answers_are_scored_per_question_type():
+    from blip2_fast.miniature.evaluate import accuracy_by_type, question_type
+
+    assert question_type("is there a purple star?") == "is there a C S?"
+    assert question_type("what shape is on the left?") == "what shape is on the left?"
+    answers = [("what color is the star?", "red", "red"), ("what color is the circle?", "blue", " Green"),
+               ("how many shapes are there?", "two", "Two ")]  # judged case- and space-blind, as vqa_accuracy
+    assert accuracy_by_type(answers) == {"how many shapes are there?": 1.0, "what color is the S?": 0.5}
+
+
 def test_demo_prints_three_tables_and_scores_them_against_the_world(run, capsys):
     from blip2_fast.cli import main
 

@@ -121,6 +121,19 @@ def caption_score(folder: str, n: int, seed: int = 99, device: str = "cpu") -> f
         return caption_accuracy(engine, render_scenes(n, seed, engine.spec.height))[0]
 
 
+def mcnemar(right_a: list[bool], right_b: list[bool]) -> dict:
+    """Paired accuracies of two models on the same items: each accuracy, the discordant counts
+    (items only A / only B gets right) and McNemar's z = (only_a - only_b) / sqrt(only_a + only_b),
+    0 when they never disagree."""
+    if len(right_a) != len(right_b) or not right_a:
+        raise ValueError(f"paired results must be non-empty and of one length, got {len(right_a)} and {len(right_b)}")
+    only_a = sum(x and not y for x, y in zip(right_a, right_b))
+    only_b = sum(y and not x for x, y in zip(right_a, right_b))
+    return {"items": len(right_a), "accuracy_a": sum(right_a) / len(right_a), "accuracy_b": sum(right_b) / len(right_b),
+            "only_a": only_a, "only_b": only_b,
+            "mcnemar_z": (only_a - only_b) / (only_a + only_b) ** 0.5 if only_a + only_b else 0.0}
+
+
 def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 99, device: str = "cpu") -> dict:
     """Two generation folders on the same n fresh scenes (the ablation's test).
 
@@ -133,7 +146,8 @@ def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 9
     data, right = None, {}
     for tag, folder in (("a", folder_a), ("b", folder_b)):
         engine = Engine.load(folder, device=device)
-        data = data or render_scenes(n, seed, engine.spec.height)
+        if data is None:  # rendered once, at the first model's resolution, for both
+            data = render_scenes(n, seed, engine.spec.height)
         with torch.no_grad():
             _, captions, _ = caption_accuracy(engine, data)
             _, answers, _ = vqa_accuracy(engine, data)
@@ -141,12 +155,7 @@ def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 9
                       "vqa": [p.strip().lower() == a for _, a, p in answers], "by_type": accuracy_by_type(answers)}
     out = {"images": n, "seed": seed, "vqa_accuracy_by_type": {t: right[t]["by_type"] for t in ("a", "b")}}
     for key in ("caption", "vqa"):
-        a, b = right["a"][key], right["b"][key]
-        only_a = sum(x and not y for x, y in zip(a, b))
-        only_b = sum(y and not x for x, y in zip(a, b))
-        out[key] = {"items": len(a), "accuracy_a": sum(a) / len(a), "accuracy_b": sum(b) / len(b),
-                    "only_a": only_a, "only_b": only_b,
-                    "mcnemar_z": (only_a - only_b) / (only_a + only_b) ** 0.5 if only_a + only_b else 0.0}
+        out[key] = mcnemar(right["a"][key], right["b"][key])
     return out
 
 
@@ -174,4 +183,4 @@ def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int 
 
 
 __all__ = ["Scenes", "render_scenes", "caption_accuracy", "vqa_accuracy", "question_type", "accuracy_by_type",
-           "retrieval_recall", "evaluate", "caption_score", "paired_comparison"]
+           "retrieval_recall", "evaluate", "caption_score", "mcnemar", "paired_comparison"]
