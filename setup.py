@@ -1,7 +1,9 @@
 """blip2_fast: a performance-first BLIP-2 engine.
 
-`kernels/` is installed as the sub-package `blip2_fast.kernels` (never a top-level `kernels`:
-that name belongs to a PyPI package transformers imports). The optional native library in
+The op files in the top-level `kernels/` folder are installed as the sub-package
+`blip2_fast.kernels`, never as a top-level `kernels`: that name belongs to a PyPI package that
+transformers imports. `blip2_fast/kernels/__init__.py` is the package; a wheel gets the op files
+copied beside it, an editable install finds them through that file (see its docstring). The optional native library in
 `kernels/csrc` is built with CMake when a compiler is present; without one the install still
 succeeds and the torch path serves.
 """
@@ -21,10 +23,27 @@ class BinaryDistribution(Distribution):
 
 
 class BuildWithNative(build_py):
-    """Build the optional native library with CMake; never fail the install because of it."""
+    """Copy the op files into the wheel's blip2_fast/kernels/ and build the optional native
+    library with CMake; never fail the install because of the native library."""
 
     def run(self):
         super().run()
+        if not getattr(self, "editable_mode", False):
+            self._copy_op_files()
+        self._build_native()
+
+    def _copy_op_files(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        target = os.path.join(os.path.abspath(self.build_lib), "blip2_fast", "kernels")
+        for sub in ("", "csrc"):
+            source = os.path.join(here, "kernels", sub)
+            os.makedirs(os.path.join(target, sub), exist_ok=True)
+            for name in sorted(os.listdir(source)):
+                path = os.path.join(source, name)
+                if os.path.isfile(path) and (sub or name.endswith(".py")):
+                    self.copy_file(path, os.path.join(target, sub, name))
+
+    def _build_native(self):
         if os.environ.get("BLIP2_FAST_NO_NATIVE"):
             return
         here = os.path.dirname(os.path.abspath(__file__))
@@ -52,13 +71,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["blip2_fast", "blip2_fast.models", "blip2_fast.training", "blip2_fast.miniature", "blip2_fast.kernels"],
-    package_dir={"blip2_fast.kernels": "kernels"},
-    # the shipped miniature BLIP-2 (issue 7): two model folders of config, weights and tokenizer files
-    package_data={"blip2_fast.kernels": ["csrc/*"], "blip2_fast": ["default_model/*/*", "default_model/*/*/*"]},
+    # the shipped miniature BLIP-2: two model folders of config, weights and tokenizer files
+    package_data={"blip2_fast": ["default_model/*/*", "default_model/*/*/*"]},
     install_requires=[
         "torch>=2.3,<3",
         "triton>=3.0; platform_system=='Linux'",
-        "transformers>=4.46",
+        # the floor is the oldest release CI runs the parity tests on (blip2_fast/versions.py)
+        "transformers>=5.1",
+        "packaging>=20",
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=9.0",

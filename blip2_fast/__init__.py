@@ -8,6 +8,9 @@ Heavy modules (models, kernels) are imported on first use, so `import blip2_fast
 from importlib import import_module
 
 from .config import Blip2Config, ConfigError  # noqa: F401
+from .versions import check_transformers
+
+check_transformers()  # one warning when the installed transformers is outside the tested range
 
 __version__ = "0.1.0"
 

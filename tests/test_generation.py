@@ -3,6 +3,7 @@ tiny random OPT, plus scripted-logit states for the exact eos/pad and support se
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 
 import pytest
@@ -14,6 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 PAD = 1
 VOCAB = 64
+# transformers renamed the cache argument of its models' forward from past_key_values to cache
+# (5.2x); the old name is ignored silently by releases that take **kwargs, so pick by signature
+CACHE_KW = "cache" if "cache" in inspect.signature(transformers.OPTForCausalLM.forward).parameters \
+    else "past_key_values"
 
 
 class HFState:
@@ -25,14 +30,15 @@ class HFState:
         self.cache = transformers.DynamicCache(config=model.config)
         self.steps = 0
         with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{CACHE_KW: self.cache})
         self.first_logits = out.logits[:, -1]
 
     def step(self, tokens):
         self.steps += 1
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         with torch.no_grad():
-            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, cache=self.cache, use_cache=True)
+            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, use_cache=True,
+                             **{CACHE_KW: self.cache})
         return out.logits[:, -1]
 
     def reorder(self, index):
