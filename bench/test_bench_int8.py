@@ -18,8 +18,8 @@ time (> 1: faster than the dense baseline). The baseline round is timed in pytes
 CPU compare rows of one run only. Rows go to bench/results/<device>.jsonl through bench/harness.py
 when it is present (it is optional here).
 
-`python bench/test_bench_int8.py [--threads 1 2] [--rounds 15]` prints the table quoted in the
-docstring of kernels/int8_matmul.py (min over interleaved rounds, per thread count).
+`python bench/test_bench_int8.py [--threads 1 2] [--rounds 15]` prints the table recorded in
+bench/results/int8_matmul_cpu.md (min over interleaved rounds, per thread count).
 """
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def options(request) -> dict:
 
 @pytest.fixture(autouse=True)
 def _fresh_decisions():
-    im.clear_decisions()
+    dispatch.clear_decisions("int8_linear")
     yield
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import harness
 from blip2_fast.config import Blip2Config
-from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
+from blip2_fast.models.retrieval_heads import Blip2ForImageTextRetrieval
 from blip2_fast.retrieval import Retriever
 from blip2_fast.testing import randomize_
 

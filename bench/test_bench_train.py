@@ -42,7 +42,7 @@ Cases: CPU "blip2-small" preset, fp32, batch 8 (stage 1: 32 Q-Former text tokens
 architecture (ViT-g/14 + BERT-base Q-Former), batch 64, ViT frozen in bf16 and the Q-Former fp32
 under bf16 autocast (how blip2_fast.training.tasks runs bf16); stage 2 with the blip2-opt-2.7b
 architecture, random weights, ViT and OPT frozen in bf16, trained parts fp32 under autocast,
-batch 64. Targets on an H100 (issue 6): stage 1 >= 2x the reference at <= 60% of its peak
+batch 64. Targets on an H100: stage 1 >= 2x the reference at <= 60% of its peak
 memory; the paper's implied stage-1 rate is >= 810 images/s over 16 A100s, ~50.6 per GPU, printed
 next to our images/s per GPU.
 
@@ -79,7 +79,7 @@ if __name__ != "__main__":
 
     pytest.importorskip("pytest_benchmark")
 
-PAPER_IMAGES_PER_S = 810.0  # >= 810 images/s over 16 A100s in stage 1 (issue 6)
+PAPER_IMAGES_PER_S = 810.0  # >= 810 images/s over 16 A100s in stage 1 (the paper's figure)
 PAPER_GPUS = 16
 TARGETS = {"min_ratio": 2.0, "max_memory_ratio": 0.6, "device": "H100", "stage": 1}
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_itg")

@@ -16,8 +16,12 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Blip2ForConditionalGeneration": "blip2_fast.models.blip2",
-    "Blip2ForImageTextRetrieval": "blip2_fast.models.retrieval",
+    "Blip2ForImageTextRetrieval": "blip2_fast.models.retrieval_heads",
     "CheckpointError": "blip2_fast.loading",
+    "Engine": "blip2_fast.engine",
+    "EngineError": "blip2_fast.engine",
+    "Settings": "blip2_fast.engine",
+    "Retriever": "blip2_fast.retrieval",
     "GenerationConfig": "blip2_fast.generation",
     "quantize_": "blip2_fast.quantization",
     "Int8WeightOnlyConfig": "blip2_fast.quantization",

@@ -9,9 +9,10 @@ is checked before anything is assigned: missing, unexpected and wrongly shaped k
 or truncated files each raise `CheckpointError` naming the key or file. The model is returned
 only when complete: a failed load leaves nothing half-built behind.
 
-Save: `config.json` and safetensors (sharded above `max_shard_size`) written to a temporary
-folder beside the target, then moved into place file by file with `os.replace`, so an
-interrupted save never leaves a truncated file under the final name.
+Save: `config.json` and safetensors (sharded above `max_shard_size`) written, with the other
+files the folder already held (tokenizer, processor config), into a temporary folder beside the
+target, which then replaces it by renames (`atomic.replace_folder`): a reader or an interrupted
+save sees the old folder or the new one, never a mix.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 from torch import nn
 
+from .atomic import replace_folder
 from .config import Blip2Config, ConfigError
 
 log = logging.getLogger("blip2_fast")
@@ -54,7 +55,7 @@ def resolve_folder(path_or_hub_id: str, revision: str | None = None, token: str 
 
 
 # ---------------------------------------------------------------------------- reading
-def _weight_files(folder: str) -> list[str]:
+def weight_files(folder: str) -> list[str]:
     for index in (SAFE_INDEX, BIN_INDEX):
         path = os.path.join(folder, index)
         if os.path.exists(path):
@@ -102,7 +103,7 @@ def iter_checkpoint(files: list[str], want=None):
             yield from ((k, t) for k, t in state.items() if want is None or want(k))
 
 
-def _fold_vision_biases(pending: dict, out: dict) -> None:
+def fold_vision_biases(pending: dict, out: dict) -> None:
     """Older checkpoints store `self_attn.q_bias` and `self_attn.v_bias`; we hold one fused
     `qkv.bias` = [q_bias, 0, v_bias] (what transformers 5 holds too)."""
     for key in [k for k in pending if k.endswith("self_attn.q_bias")]:
@@ -156,7 +157,7 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
         expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
         aliases = _alias_groups(expected)
 
-    files = _weight_files(folder)
+    files = weight_files(folder)
     loaded, pending = {}, {}
 
     def put(key, tensor):
@@ -178,7 +179,7 @@ def load_pretrained(cls, path_or_hub_id: str, dtype: torch.dtype | str | None = 
             continue
         put(key, tensor)
     folded = {}
-    _fold_vision_biases(pending, folded)
+    fold_vision_biases(pending, folded)
     for key, tensor in folded.items():
         put(key, tensor)
     head_int8 = LM_HEAD in expected and expected[LM_HEAD].dtype == torch.int8
@@ -338,11 +339,16 @@ def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None
         size += nbytes
     shards.append(current)
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=folder)
-    try:
-        names = ["model.safetensors"] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    cfg = model.config.to_hf_dict()
+    quant = _int8_config_of(model)
+    if quant is not None:
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quant}
+    cfg.setdefault("architectures", [type(model).__name__])
+
+    def fill(tmp: str) -> None:
+        _carry_other_files(folder, tmp)
         for name, shard in zip(names, shards):
             # safetensors refuses tensors that share storage (tied weights): clone those
             save_file({k: v.clone() if v.storage_offset() or not v.is_contiguous() else v for k, v in shard.items()},
@@ -352,21 +358,37 @@ def save_pretrained(model: nn.Module, folder: str, max_shard_size="5GB") -> None
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
             with open(os.path.join(tmp, SAFE_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
-        cfg = model.config.to_hf_dict()
-        quant = _int8_config_of(model)
-        if quant is not None:
-            cfg["quantization_config"] = {"quant_method": QUANT_METHOD, **quant}
-        cfg.setdefault("architectures", [type(model).__name__])
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        # a stale single file or index beside new shards would confuse loaders: remove first
-        for stale in ("model.safetensors", SAFE_INDEX):
-            if stale not in os.listdir(tmp) and os.path.exists(os.path.join(folder, stale)):
-                os.remove(os.path.join(folder, stale))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_folder(folder, fill)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "resolve_folder"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _carry_other_files(folder: str, new: str) -> None:
+    """Bring what else an existing `folder` holds (tokenizer, processor config, sub-folders) into
+    the new one, hard-linked where the file system allows; old weights and config are left behind."""
+    if not os.path.isdir(folder):
+        return
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for name in os.listdir(folder):
+        src = os.path.join(folder, name)
+        if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") \
+                or name == "config.json":
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(new, name), copy_function=link_or_copy)
+        else:
+            link_or_copy(src, os.path.join(new, name))
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "resolve_folder", "weight_files",
+           "iter_checkpoint", "fold_vision_biases", "SAFE_INDEX", "WEIGHT_SUFFIXES"]

@@ -1,4 +1,4 @@
-"""Image-text retrieval engine: ITC over every pair, ITM reranking of the top k (DESIGN.md §1).
+"""Image-text retrieval engine: ITC over every pair, ITM reranking of the top k.
 
 Procedure (LAVIS' `compute_sim_matrix`, with the work shared where it can be):
   1. Gallery: each image through the ViT once, in batches; kept per image are the normalised
@@ -27,7 +27,6 @@ error naming it (never a silent skip: a gallery missing an image would corrupt r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -35,6 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from .atomic import write_file
+from .fingerprint import config_bytes, weights_fingerprint
+from .images import ImageSpec, check_image, load_images
+from .models.retrieval_heads import Blip2ForImageTextRetrieval
+from .tokenizers import load_tokenizer
 
 FORMAT = "blip2_fast.gallery/1"
 
@@ -47,8 +52,6 @@ class RetrievalError(ValueError):
 def list_images(folder: str) -> list[str]:
     """Image paths of `folder`, sorted by name (hidden files and sub-folders skipped); each is
     header-checked now, so a non-image file fails before any model work (`ImageError`)."""
-    from .images import check_image
-
     if not os.path.isdir(folder):
         why = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
         raise RetrievalError(f"--images {folder}: {why}")
@@ -112,16 +115,8 @@ class RetrievalResult:
 
 # ---------------------------------------------------------------------------- model identity
 def model_fingerprint(model, spec=None) -> str:
-    """sha256 of the config, the image preprocessing and every tensor's name, shape, dtype and
-    64 sampled values: cheap (no pass over the weights) and different for any other checkpoint."""
-    h = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True, default=str).encode())
-    h.update(repr(spec).encode())
-    for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long().to(flat.device)
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    """The weights fingerprint of a retrieval model together with its config and image preprocessing."""
+    return weights_fingerprint([config_bytes(model.config.to_hf_dict()), repr(spec).encode()], model.state_dict())
 
 
 class GalleryCache:
@@ -167,10 +162,9 @@ class GalleryCache:
         names = [os.path.abspath(n) for n in gallery.names]
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "names": json.dumps(names),
                 "stamps": json.dumps([self.stamp(n) for n in gallery.names])}
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        save_file({"features": gallery.features.contiguous().cpu(),
-                   "vision_tokens": gallery.vision_tokens.contiguous().cpu()}, tmp, metadata=meta)
-        os.replace(tmp, self.path)
+        tensors = {"features": gallery.features.contiguous().cpu(),
+                   "vision_tokens": gallery.vision_tokens.contiguous().cpu()}
+        write_file(self.path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 # ---------------------------------------------------------------------------- engine
@@ -191,9 +185,6 @@ class Retriever:
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=None, device=None, **kw) -> "Retriever":
-        from .cli import load_tokenizer
-        from .images import ImageSpec
-        from .models.retrieval import Blip2ForImageTextRetrieval
         model = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=dtype, device=device)
         return cls(model, load_tokenizer(folder), ImageSpec.from_folder(folder, model.config.vision.image_size), **kw)
 
@@ -230,7 +221,6 @@ class Retriever:
     def _encode_files(self, paths: list[str]):
         if self.spec is None:
             raise ValueError("encoding image files needs an ImageSpec (spec=); or pass pixel_values")
-        from .images import load_images
         chunks = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
         feats, tokens, bar = [], [], self._bar(len(paths), "img")
         with ThreadPoolExecutor(1) as pool:  # decode the next batch while the model runs
@@ -354,42 +344,5 @@ def recall_at_k(rankings, truth, ks=(1, 5, 10)) -> dict[int, float]:
     return {k: float((first < k).float().mean()) for k in ks}
 
 
-# ---------------------------------------------------------------------------- CLI
-def retrieve_main(args) -> int:
-    """`blip2-fast retrieve --images DIR --texts FILE`: argparse Namespace or dict with model,
-    images, texts, k, batch_size, device, dtype, top, json (or json_output), cache (optional).
-    Prints, per text, its `top` images, then per image its `top` texts; tab-separated
-    `t2i<TAB>text<TAB>rank<TAB>image<TAB>score` / `i2t<TAB>image<TAB>rank<TAB>text<TAB>score`, or one
-    JSON object per query with --json. User-fixable problems raise `CLIError` (exit status 2)."""
-    from .cli import CLIError, resolve_model
-
-    a = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    as_json = bool(a.get("json_output", a.get("json", False)))
-    k, top, batch = a.get("k") or 128, a.get("top") or 5, a.get("batch_size") or 32
-    try:
-        if k < 1 or top < 1 or batch < 1:
-            raise RetrievalError(f"--k, --top and --batch-size must be >= 1 (got {k}, {top}, {batch})")
-        paths, texts = list_images(a["images"]), read_texts(a["texts"])  # before loading the model
-        device = a.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = a.get("dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
-        engine = Retriever.from_pretrained(resolve_model(a.get("model"), "retrieval"), dtype=dtype, device=device,
-                                           batch_size=batch)
-        result = engine.retrieve(engine.encode_images(paths, cache=a.get("cache")), engine.encode_texts(texts), k)
-    except RetrievalError as err:
-        raise CLIError(str(err)) from None
-    out = a.get("out") or sys.stdout
-    for kind, queries, items, ranking in (("t2i", texts, paths, result.text_to_image),
-                                          ("i2t", paths, texts, result.image_to_text)):
-        idx, score = ranking.indices[:, :top].tolist(), ranking.scores[:, :top].tolist()
-        for q, query in enumerate(queries):
-            if as_json:
-                hits = [{"rank": r + 1, "item": items[i], "score": s} for r, (i, s) in enumerate(zip(idx[q], score[q]))]
-                print(json.dumps({"direction": kind, "query": query, "results": hits}, ensure_ascii=False), file=out)
-            else:
-                for r, (i, s) in enumerate(zip(idx[q], score[q])):
-                    print(f"{kind}\t{query}\t{r + 1}\t{items[i]}\t{s:.4f}", file=out)
-    return 0
-
-
 __all__ = ["Retriever", "Gallery", "TextSet", "Ranking", "RetrievalResult", "RetrievalError", "GalleryCache",
-           "list_images", "read_texts", "recall_at_k", "model_fingerprint", "retrieve_main"]
+           "list_images", "read_texts", "recall_at_k", "model_fingerprint"]

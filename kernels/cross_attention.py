@@ -6,7 +6,7 @@ Every backend has forward and backward (autograd).
 
 Backends, in preference order, each with the list of reasons it refuses an input (xformers'
 style; `cross_attention_backends(q, k, v)` returns the map, `dispatch.explain("cross_attention")`
-the last decision):
+the decision that served the latest call):
   flash_attn  flash-attn 2's `flash_attn_func` (importable, CUDA, fp16/bf16, head dim a multiple
               of 8 up to 256, compute capability >= 8.0);
   xformers    `xformers.ops.memory_efficient_attention` (importable, CUDA);
@@ -16,13 +16,14 @@ the last decision):
   torch       torch SDPA without a mask (always; on the CPU the only unforced choice).
 
 "Whatever measures fastest": on CUDA, unless BLIP2_FAST_AUTOTUNE=0 or a backend is forced, the
-first call for a (q shape, k shape, dtype, device, needs grad) key times every backend able to
-serve it (one warm-up call, which also keeps Triton's compile time out of the clock, then a few
-calls between CUDA events; forward + backward when gradients are needed) and remembers the
-winner, which the dispatch then prefers. That first call synchronises the device once per new
-shape (never inside CUDA-graph capture or torch.compile tracing, where the preference order
-serves); later calls add a dict lookup. Never on the CPU. `cross_attention_autotune_cache()`
-shows the winners.
+first call for a (q shape, k shape, dtypes, devices, needs grad) key times every backend able to
+serve it through the dispatch registry (kernels/dispatch.py: one warm-up call, which also keeps
+Triton's compile time out of the clock, then a few calls between CUDA events; forward + backward
+when gradients are needed) and caches the winner with that key. That first call synchronises the
+device once per new shape (never inside CUDA-graph capture or torch.compile tracing, where the
+preference order serves); later calls are a dict lookup. Never on the CPU.
+`dispatch.explain("cross_attention", cross_attention_key(q, k, v))` shows the decision and its
+timings.
 
 What bounds it (estimates; GPU figures are not yet measured): 32 queries against 257 keys is
 a 32x257 score tile per (batch, head): B=256, H=12, D=64 moves ~55 MB in 16-bit, mostly K and
@@ -33,20 +34,15 @@ tiles, which is why the choice is measured rather than assumed.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, forced_backend
+from . import dispatch
+from .dispatch import device_reason, forced_backend
 from .qformer_attention import qformer_attention_backends, qformer_attention_triton
-
-log = logging.getLogger("blip2_fast.kernels")
-
-_autotune_winners: dict[tuple, str] = {}
-_TIMING_REPS = 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +73,10 @@ def _xformers_ops():
 
 def _cuda_reasons(q, k, v) -> list[str]:
     devices = {t.device for t in (q, k, v)}
-    if any(d.type != "cuda" for d in devices):
-        return [f"tensors on {sorted(map(str, devices))} (needs CUDA)"]
     if len(devices) > 1:
         return [f"tensors on several devices {sorted(map(str, devices))}"]
+    if q.device.type != "cuda":
+        return [device_reason(q.device, "needs CUDA")]
     return []
 
 
@@ -145,62 +141,69 @@ def cross_attention_backends(q, k, v) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-shape autotune (CUDA only)
+# Per-shape autotune (CUDA only), run by the dispatch registry
 # --------------------------------------------------------------------------------------------
 
-def cross_attention_autotune_cache() -> dict[tuple, str]:
-    """A copy of the measured winners: {(q shape, k shape, dtype, device index, needs grad): backend}."""
-    return dict(_autotune_winners)
+def _autotune_mode(q) -> str | None:
+    """None off CUDA; on CUDA "on", "off" (BLIP2_FAST_AUTOTUNE=0 or a forced backend) or "paused"
+    (CUDA-graph capture or torch.compile tracing: timing synchronises and launches extra work, so
+    the preference order serves, cached under its own key until timing is possible again)."""
+    if not q.is_cuda:
+        return None
+    if os.environ.get("BLIP2_FAST_AUTOTUNE", "1").strip() == "0" or forced_backend() is not None:
+        return "off"
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return "paused"
+    return "on"
 
 
 def _autotune_enabled(q) -> bool:
-    if not q.is_cuda or os.environ.get("BLIP2_FAST_AUTOTUNE", "1").strip() == "0" or forced_backend() is not None:
-        return False
-    # timing synchronises and launches extra work: never while a graph is captured or traced
-    return not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
+    return _autotune_mode(q) == "on"
 
 
-def _pick_fastest(key: tuple, names: list[str], time_ms) -> str:
-    """Time each backend with `time_ms(name) -> ms`, remember and return the fastest.
-
-    A backend that fails while timed is skipped with a warning (it would fail the real call too).
-    """
-    timings = {}
-    for name in names:
-        try:
-            timings[name] = time_ms(name)
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            log.warning("cross_attention autotune %s: backend %s failed while timed (%s); skipped", key, name, err)
-    if not timings:
-        return names[0]
-    winner = min(timings, key=timings.get)
-    _autotune_winners[key] = winner
-    log.info("cross_attention autotune %s: %s -> %s",
-             key, ", ".join(f"{n} {t:.4f} ms" for n, t in timings.items()), winner)
-    return winner
+def _timing_plan(usable, q, k, v, scale, needs_grad):
+    """The registry's timing hook: every able backend on this call's shapes, or None (no autotune)."""
+    if not _autotune_enabled(q):
+        return None
+    return q.device, {name: _timed_step(name, q, k, v, scale, needs_grad) for name in usable}
 
 
-def _time_on_cuda(name: str, q, k, v, scale: float, needs_grad: bool) -> float:
-    """Mean ms of one call (forward, or forward + backward) after a warm-up call, with CUDA events."""
+def _timed_step(name, q, k, v, scale, needs_grad):
+    """One call of backend `name` as the real call will run it: forward, plus backward when needed."""
     run = _RUN[name]
-    qq, kk, vv = (t.detach().requires_grad_(needs_grad) for t in (q, k, v))
-    grad = torch.randn_like(q) if needs_grad else None
+    if not needs_grad:
+        def forward():
+            with torch.no_grad():
+                return run(q, k, v, scale)
+        return forward
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(q)
 
-    def step():
-        out = run(qq, kk, vv, scale)
-        if needs_grad:
+    def forward_backward():
+        with torch.enable_grad():
+            out = run(qq, kk, vv, scale)
             torch.autograd.grad(out, (qq, kk, vv), grad)
+        return out.detach()
+    return forward_backward
 
-    with torch.enable_grad() if needs_grad else torch.no_grad():
-        step()  # warm-up: Triton compile, library initialisation, allocator
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(q.device)
-        start.record()
-        for _ in range(_TIMING_REPS):
-            step()
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) / _TIMING_REPS
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _key(q, k, v, needs_grad: bool) -> tuple:
+    return (q.shape, k.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, needs_grad, _autotune_mode(q))
+
+
+def cross_attention_key(q, k, v) -> tuple:
+    """The dispatch key of `cross_attention(q, k, v)`: shapes (the autotune winner is per shape),
+    dtypes, devices, whether gradients are needed, and the autotune mode."""
+    return _key(q, k, v, _needs_grad(q, k, v))
+
+
+_DISPATCH = dispatch.register("cross_attention", tuple(_RUN),
+                              lambda q, k, v, scale, needs_grad: cross_attention_backends(q, k, v),
+                              timing=lambda usable, *args: _timing_plan(usable, *args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,15 +226,6 @@ def cross_attention(q, k, v, scale=None):
         raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D) with the same B, H, D; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backends = cross_attention_backends(q, k, v)
-    order = list(backends)
-    able = [name for name in order if not backends[name]]
-    if len(able) > 1 and _autotune_enabled(q):
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.index, needs_grad)
-        winner = _autotune_winners.get(key)
-        if winner is None:
-            winner = _pick_fastest(key, able, lambda name: _time_on_cuda(name, q, k, v, scale, needs_grad))
-        order = [winner] + [name for name in order if name != winner]
-    name = choose("cross_attention", [(name, backends[name]) for name in order])
+    needs_grad = _needs_grad(q, k, v)
+    name, _ = _DISPATCH.select(_key(q, k, v, needs_grad), q, k, v, scale, needs_grad)
     return _RUN[name](q, k, v, scale)

@@ -7,7 +7,8 @@ bias (the weights are frozen). `quantize_weight(w, group_size=None)` makes (q, s
 (q = round(w / s) in [-127, 127], s = absmax / 127 per row or group); `int8_linear_ref` is the
 float64 reference of the dequantised product.
 
-Backends (DESIGN.md §3; `explain("int8_linear")` says which served and why the others refused):
+Backends, in preference order (registered with kernels/dispatch.py; `dispatch.explain("int8_linear")`
+says which served the latest call and why the others refused):
   triton:splitk  CUDA, M <= 16 (decode). Grid (N / BLOCK_N, SPLIT_K): each program streams a
                  BLOCK_N x (K / SPLIT_K) slab of int8 weights, converts the tile to the
                  activation dtype in registers right after the load (exact: |q| <= 127 fits every
@@ -31,37 +32,22 @@ Backends (DESIGN.md §3; `explain("int8_linear")` says which served and why the 
   torch:int8pack CPU, bf16 / fp16 activations, per-channel scales, K % 16 == 0:
                  torch._weight_int8pack_mm.
   torch:dequant  everywhere: F.linear(x, (q * s).to(x.dtype), b). Always available.
-On the CPU, when several backends can serve, each is timed once per shape key (device, dtype,
-M bucket (exact up to 16, then powers of two), N, K, group, bias, threads) on the actual call,
-the fastest is cached and the slower ones are logged once as refused with their measured times;
-later calls with that key go straight to the cached backend. BLIP2_FAST_BACKEND=torch|triton
-forces a family ("native" is a family of its own: BLIP2_FAST_BACKEND=torch means plain torch).
+On the CPU, when several backends can serve, the dispatch registry times each once per key
+(`int8_linear_key`: device, dtype, M bucket (exact up to 16, then powers of two), N, K, group,
+bias, weight contiguity, threads) on the actual call and caches the fastest; the slower ones are
+reported as refused with their measured times, and later calls with that key are one dict
+lookup. BLIP2_FAST_BACKEND=torch|triton forces a family ("native" is a family of its own:
+BLIP2_FAST_BACKEND=torch means plain torch).
 
-Measured on the CPU (AMD EPYC Zen 4, 2 vCPUs shared with other jobs, AVX-512, torch 2.13 / MKL,
-fp32 activations, M = 1, both threads): min over 20 interleaved rounds of
-`python bench/test_bench_int8.py --threads 2 1 --layers 512x2048 qkv-2560x2560 fc1-10240x2560
-fc2-2560x10240`, range over 4 runs; "cold" cycles through 128 MiB of weight copies (beyond the
-32 MiB L3), as a decode step through many layers does.
-    N x K           fp32 F.linear    int8 native:gemv    speed-up    cold speed-up
-    512 x 2048      95-260 us        39-109 us           2.1-3.1x    1.8-2.4x
-    2560 x 2560     1.65-1.91 ms     0.34-0.38 ms        4.4-5.6x    4.1-5.0x
-    10240 x 2560    6.6-6.9 ms       1.22-1.31 ms        5.1-5.6x    5.3-5.9x
-    2560 x 10240    5.2-6.2 ms       1.06-1.19 ms        4.5-5.5x    4.5-5.6x
-  One thread: 1.5-3.0x, 3.0-3.4x, 3.6x, 3.3-3.8x (512 x 2048 cold: 0.9-1.2x, see below).
-  Quiet machine, same weights every call: 512 x 2048 29 us vs 69 us; 2560 x 10240 0.51 ms vs
-  5.5 ms (51 GB/s of int8 weights, L3-resident).
-  bf16 activations, 2 threads: 512 x 2048 33 us vs 76 us for bf16 F.linear (int8pack 40 us);
-  2560 x 10240 0.63 ms vs 2.9 ms (int8pack 0.86 ms).
-  M = 4, 2 threads: 3.2-11x. M = 40 (32 queries + prompt): native:gemv 1.5-2.7x faster than
-  fp32; the packed GEMM is 1.3-1.7x slower than the GEMV on this CPU (csrc/int8_gemm_avx512.cpp).
-Why these choices: the decode step is bound by the weight stream, which int8 cuts 4x against
-fp32 (2x against bf16); dequantising in registers keeps that stream the only memory traffic.
-What is left at 512 x 2048 is fixed cost: ~8 us of Python and ctypes per call (F.linear: ~3 us)
-and, cold, the DRAM latency of 2 KiB rows (software prefetch recovers part of it).
-torch's int8pack kernel is refused for fp32 activations without timing: it measured 2-6x
-slower than the fp32 matmul (441 us vs 69 us at 512 x 2048, 11.1 ms vs 5.5 ms at 2560 x 10240,
-M = 1), and timing it at prefill sizes would cost seconds; for K % 16 != 0 it segfaults or
-returns NaN (torch 2.13), so it is refused there too.
+Why these choices (the measurements, with machine and command: bench/results/int8_matmul_cpu.md):
+  * int8 weights dequantised in registers: decode is bound by the weight stream, which int8 cuts
+    4x against fp32 (2x against bf16); native:gemv measured 2.1-5.6x faster than fp32 F.linear
+    at M = 1 on two threads (less on one).
+  * torch:int8pack is refused for fp32 activations without timing (it measured 2-6x slower than
+    the fp32 matmul, and timing it at prefill sizes would cost seconds) and for K % 16 != 0
+    (torch 2.13 segfaults or returns NaN there).
+  * native:gemm is timed against the GEMV only above 4 rows: which wins depends on the CPU (on
+    Zen 4 the GEMV did up to M = 128).
 
 Limits: weight (N, K) int8 with K >= 1; Triton and native need G % 16 == 0 for group scales
 (other G go to torch:dequant); the native CPU library wants a contiguous weight (any other is
@@ -71,28 +57,14 @@ The backward is a dense matmul with the dequantised weight (no fused int8 backwa
 """
 from __future__ import annotations
 
-import math
-import os
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from . import native
-from .dispatch import choose, forced_backend, triton_usable
-
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:  # off Linux triton may be missing: dispatch.triton_usable() reports it
-    triton = None
-
-    class tl:  # noqa: N801 - the one name the kernel signatures evaluate when defined
-        constexpr = None
-
-    def _jit(fn=None, **_kw):
-        return fn if fn is not None else (lambda f: f)
+from . import dispatch, native
+from .dispatch import device_reason
+from .triton_support import jit, largest_pow2_block_dividing, next_power_of_2, on_device, tl, triton, triton_usable
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -162,7 +134,7 @@ def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 # ------------------------------------------------------------------------------- Triton kernels
 
-@_jit
+@jit
 def _dequant_tile_dot(acc, x, w_int8, s_ptr, offs_n, mask_n, k0, stride_sn, stride_sg,
                       GROUP_SIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += x @ dequant(w) for one K tile. int8 -> activation dtype is exact; the scale is applied
@@ -181,7 +153,7 @@ def _dequant_tile_dot(acc, x, w_int8, s_ptr, offs_n, mask_n, k0, stride_sn, stri
     return acc
 
 
-@_jit
+@jit
 def _int8_gemm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -192,6 +164,10 @@ def _int8_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: bf16 dots in fp32 (see _upcast)
 ):
+    """Tiled GEMM, one program per BLOCK_M x BLOCK_N output tile in grouped order: int8 weight
+    tiles converted to the activation dtype in registers, fp32 accumulation, the scale (per
+    channel: in the epilogue; per group: every K step) and bias applied in fp32, one cast at the
+    store. Limits: BLOCK_K divides the group size."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -227,7 +203,7 @@ def _int8_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@_jit
+@jit
 def _int8_splitk_kernel(
     x_ptr, w_ptr, s_ptr, p_ptr,
     M, N, K, K_PER_SPLIT,
@@ -237,6 +213,9 @@ def _int8_splitk_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Split-K GEMV for up to BLOCK_M (16) activation rows: program (n block, split) streams its
+    BLOCK_N x K_PER_SPLIT slab of weights and stores an fp32 partial into (SPLIT_K, M, N); group
+    scales are applied here, per-channel scales by the reduction."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)  # BLOCK_M >= M: all activation rows at once
@@ -259,12 +238,14 @@ def _int8_splitk_kernel(
     tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@_jit
+@jit
 def _int8_splitk_reduce_kernel(
     p_ptr, s_ptr, b_ptr, y_ptr,
     M, N, SPLIT_K, stride_sn, stride_ym, stride_yn,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Sums the SPLIT_K partials of one row and BLOCK_N columns in a fixed order (deterministic,
+    no atomics), then applies per-channel scales and bias and casts to y's dtype."""
     m = tl.program_id(0).to(tl.int64)
     offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = offs_n < N
@@ -306,14 +287,6 @@ def _check(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     return _group_size(weight, scale)
 
 
-def _block_k(k: int, group: int, want: int) -> int:
-    """Largest power of two <= want (>= 16) dividing the group size, so a K step has one scale."""
-    bk = want
-    while group and group % bk:
-        bk //= 2
-    return max(bk, 16)
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -344,16 +317,17 @@ def _triton_gemm(x2d, weight, scale, bias, group, block_m=None, block_n=None, bl
     interp = x2d.device.type != "cuda"
     bm = block_m or (16 if interp else (64 if m <= 64 else 128))
     bn = block_n or (32 if interp else 128)
-    bk = _block_k(k, group, block_k or (32 if interp else 64))
+    bk = largest_pow2_block_dividing(group, block_k or (32 if interp else 64))  # one scale per K step
     s2 = scale.reshape(n, -1)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     extra = {} if interp else {"num_warps": 4 if bm <= 64 else 8, "num_stages": 4 if bm <= 64 else 3}
-    _int8_gemm_kernel[grid](
-        x2d, weight, s2, bias if bias is not None else s2, y, m, n, k,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
-        y.stride(0), y.stride(1),
-        GROUP_SIZE=group, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
+    with on_device(x2d):
+        _int8_gemm_kernel[grid](
+            x2d, weight, s2, bias if bias is not None else s2, y, m, n, k,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
+            y.stride(0), y.stride(1),
+            GROUP_SIZE=group, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
     return y
 
 
@@ -369,7 +343,7 @@ def _triton_splitk(x2d, weight, scale, bias, group, split_k=None, block_n=None, 
     n = weight.shape[0]
     interp = x2d.device.type != "cuda"
     bn = block_n or (32 if interp else 64)
-    bk = _block_k(k, group, block_k or (32 if interp else 128))
+    bk = largest_pow2_block_dividing(group, block_k or (32 if interp else 128))
     n_blocks = triton.cdiv(n, bn)
     if split_k is None:  # about two waves of programs over the SMs, never a split below one K step
         split_k = max(1, min(triton.cdiv(2 * _sm_count(x2d.device), n_blocks), triton.cdiv(k, bk), 64))
@@ -378,16 +352,17 @@ def _triton_splitk(x2d, weight, scale, bias, group, split_k=None, block_n=None, 
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=x2d.device)
     s2 = scale.reshape(n, -1)
     extra = {} if interp else {"num_warps": 4, "num_stages": 4}
-    _int8_splitk_kernel[(n_blocks, split_k)](
-        x2d, weight, s2, part, m, n, k, k_per_split,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
-        GROUP_SIZE=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-        INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     rbn = 128 if not interp else 32
-    _int8_splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
-        part, s2, bias if bias is not None else s2, y, m, n, split_k, s2.stride(0), y.stride(0), y.stride(1),
-        PER_CHANNEL=group == 0, HAS_BIAS=bias is not None, BLOCK_N=rbn)
+    with on_device(x2d):
+        _int8_splitk_kernel[(n_blocks, split_k)](
+            x2d, weight, s2, part, m, n, k, k_per_split,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
+            GROUP_SIZE=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+            INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
+        _int8_splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
+            part, s2, bias if bias is not None else s2, y, m, n, split_k, s2.stride(0), y.stride(0), y.stride(1),
+            PER_CHANNEL=group == 0, HAS_BIAS=bias is not None, BLOCK_N=rbn)
     return y
 
 
@@ -451,11 +426,11 @@ def _native_cuda(x2d, weight, scale, bias, group):
     b = bias.to(x2d.dtype).contiguous() if bias is not None else None
     w = weight.contiguous()
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    code = lib.b2f_cuda_int8_linear(
-        x2d.data_ptr(), _DTYPE_CODE[x2d.dtype], x2d.stride(0), w.data_ptr(), s.data_ptr(), group,
-        b.data_ptr() if b is not None else None, y.data_ptr(), y.stride(0), m, n, k,
-        x2d.device.index if x2d.device.index is not None else torch.cuda.current_device(),
-        torch.cuda.current_stream(x2d.device).cuda_stream)
+    with on_device(x2d):  # the library sets this device too; torch's current device must agree
+        code = lib.b2f_cuda_int8_linear(
+            x2d.data_ptr(), _DTYPE_CODE[x2d.dtype], x2d.stride(0), w.data_ptr(), s.data_ptr(), group,
+            b.data_ptr() if b is not None else None, y.data_ptr(), y.stride(0), m, n, k,
+            torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
     if code != 0:
         raise RuntimeError(f"{_OP}: CUDA library error {code} ({lib.b2f_cuda_strerror(code).decode()})")
     return y
@@ -494,6 +469,10 @@ _RUNNERS = {
 
 # ------------------------------------------------------------------------------------- dispatch
 
+BACKENDS = ("triton:splitk", "triton:gemm", "native:cuda", "native:gemv", "native:gemm", "torch:int8pack",
+            "torch:dequant")
+
+
 def int8_linear_backends(x2d, weight, scale, bias=None) -> list[tuple[str, list[str]]]:
     """Backends in order of preference, each with the reasons it refuses this input (none = usable)."""
     return _backends(x2d, weight, scale, bias, _check(x2d, weight, scale, bias))
@@ -502,127 +481,87 @@ def int8_linear_backends(x2d, weight, scale, bias=None) -> list[tuple[str, list[
 def _backends(x2d, weight, scale, bias, group):
     m = x2d.shape[0]
     group_reason = [f"group size {group} is not a multiple of 16"] if group % 16 else []
-    out = []
-    tr = list(triton_usable(x2d, weight, scale, bias)) + group_reason
-    if x2d.device.type == "cuda" or not tr:
-        out.append(("triton:splitk", tr + ([f"M = {m} > {SPLITK_MAX_M}"] if m > SPLITK_MAX_M else [])))
-        out.append(("triton:gemm", list(tr)))
-    if x2d.device.type == "cuda":
-        lib = native.load_cuda()
-        out.append(("native:cuda", [] if lib is not None else [native.unavailable_reason(native.CUDA_LIB)]))
-    else:
-        reasons = []
-        if x2d.device.type != "cpu":
-            reasons.append(f"tensor on {x2d.device.type}")
-        elif native.load() is None:
-            reasons.append(str(native.unavailable_reason()))
-        if not weight.is_contiguous():
-            reasons.append(f"weight not contiguous (strides {weight.stride()})")
-        out.append(("native:gemv", reasons + group_reason))
-        # Above a few rows both native algorithms are timed: which wins depends on the CPU (on
-        # Zen 4 the GEMV's in-register dequantisation runs beside the FMAs and wins up to M = 128).
-        small = [f"M = {m} <= {GEMV_ONLY_M}: the GEMV kernel serves decode shapes"] if m <= GEMV_ONLY_M else []
-        out.append(("native:gemm", reasons + group_reason + small))
-        pack = []
-        if not hasattr(torch, "_weight_int8pack_mm"):
-            pack.append("torch._weight_int8pack_mm missing in this torch")
-        if x2d.device.type != "cpu":
-            pack.append(f"tensor on {x2d.device.type}")
-        if group:
-            pack.append("group-wise scales (int8pack takes one scale per channel)")
-        if x2d.shape[1] % 16:
-            pack.append(f"K = {x2d.shape[1]} is not a multiple of 16 (torch 2.13's CPU int8pack kernel "
-                        "segfaults for K = 3, 17, 33, 123 and returns NaN for K = 8)")
-        if x2d.dtype == torch.float32:
-            pack.append("float32 activations: torch's int8pack float32 kernel measured 2-6x slower than the fp32 matmul")
-        out.append(("torch:int8pack", pack))
-    out.append(("torch:dequant", []))
-    return out
+    triton_reasons = triton_usable(x2d, weight, scale, bias) + group_reason
+    native_cpu = _native_cpu_reasons(x2d, weight) + group_reason
+    # Above a few rows both native algorithms are timed: which wins depends on the CPU (on
+    # Zen 4 the GEMV's in-register dequantisation runs beside the FMAs and wins up to M = 128).
+    small = [f"M = {m} <= {GEMV_ONLY_M}: the GEMV kernel serves decode shapes"] if m <= GEMV_ONLY_M else []
+    return [
+        ("triton:splitk", triton_reasons + ([f"M = {m} > {SPLITK_MAX_M}"] if m > SPLITK_MAX_M else [])),
+        ("triton:gemm", list(triton_reasons)),
+        ("native:cuda", _native_cuda_reasons(x2d)),
+        ("native:gemv", native_cpu),
+        ("native:gemm", native_cpu + small if x2d.device.type == "cpu" else list(native_cpu)),
+        ("torch:int8pack", _int8pack_reasons(x2d, group)),
+        ("torch:dequant", []),
+    ]
+
+
+def _native_cuda_reasons(x2d) -> list[str]:
+    if x2d.device.type != "cuda":
+        return [device_reason(x2d.device, "the CUDA library needs CUDA")]
+    return [] if native.load_cuda() is not None else [native.unavailable_reason(native.CUDA_LIB)]
+
+
+def _native_cpu_reasons(x2d, weight) -> list[str]:
+    if x2d.device.type != "cpu":
+        return [device_reason(x2d.device, "the native library runs on the CPU")]
+    reasons = [] if native.load() is not None else [str(native.unavailable_reason())]
+    if not weight.is_contiguous():
+        reasons.append(f"weight not contiguous (strides {weight.stride()})")
+    return reasons
+
+
+def _int8pack_reasons(x2d, group) -> list[str]:
+    if x2d.device.type != "cpu":
+        return [device_reason(x2d.device, "torch's int8pack serves the CPU here")]
+    reasons = []
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        reasons.append("torch._weight_int8pack_mm missing in this torch")
+    if group:
+        reasons.append("group-wise scales (int8pack takes one scale per channel)")
+    if x2d.shape[1] % 16:
+        reasons.append(f"K = {x2d.shape[1]} is not a multiple of 16 (torch 2.13's CPU int8pack kernel "
+                       "segfaults for K = 3, 17, 33, 123 and returns NaN for K = 8)")
+    if x2d.dtype == torch.float32:
+        reasons.append("float32 activations: torch's int8pack float32 kernel measured 2-6x slower than the fp32 matmul")
+    return reasons
+
+
+def _timing_plan(usable, x2d, weight, scale, bias, group):
+    """The registry's timing hook: on the CPU, every usable non-Triton backend on the real inputs.
+    The interpreter (a forced Triton family on the CPU) is a correctness tool whose speed means
+    nothing, so Triton keeps the preference order."""
+    timed = [name for name in usable if not name.startswith("triton")]
+    if x2d.device.type != "cpu" or len(timed) < 2:
+        return None
+    return x2d.device, {name: functools.partial(_RUNNERS[name], x2d, weight, scale, bias, group) for name in timed}
+
+
+_DISPATCH = dispatch.register(_OP, BACKENDS, lambda *args: _backends(*args),
+                              timing=lambda usable, *args: _timing_plan(usable, *args))
 
 
 def _m_bucket(m: int) -> int:
-    return m if m <= 16 else 1 << math.ceil(math.log2(m))
+    return m if m <= 16 else next_power_of_2(m)
 
 
-_measured: dict[tuple, tuple[str, dict[str, float]]] = {}
-_MEASURE_BUDGET_S = 0.05  # per candidate: stop repeating once a candidate has run this long
-
-
-def _time_candidates(runners: dict, args: tuple) -> tuple[str, dict[str, float | str], torch.Tensor]:
-    """Run each candidate on the real inputs (1 warm-up + up to 3 timed runs within the budget),
-    keeping the best time; a candidate already 3x slower than the best so far stops early, one
-    that raises RuntimeError is dropped (its message replaces its time).
-    Returns (winner, {name: seconds or error}, the winner's output)."""
-    times, outs, errors = {}, {}, {}
-    for name, fn in runners.items():
-        t0 = time.perf_counter()
-        try:
-            out = fn(*args)
-        except RuntimeError as err:
-            errors[name] = f"failed: {err}"
-            continue
-        first = time.perf_counter() - t0
-        best, spent = first, first
-        if not times or first < 3 * min(times.values()):
-            for _ in range(3):
-                if spent > _MEASURE_BUDGET_S:
-                    break
-                t0 = time.perf_counter()
-                out = fn(*args)
-                dt = time.perf_counter() - t0
-                best, spent = min(best, dt), spent + dt
-        times[name], outs[name] = best, out
-    if not times:
-        raise RuntimeError(f"{_OP}: every backend failed: {errors}")
-    winner = min(times, key=times.get)
-    return winner, {**times, **errors}, outs[winner]
-
-
-def measured_choices() -> dict:
-    """{decision key: (winner, {backend: seconds})} of the CPU measurements made so far."""
-    return dict(_measured)
-
-
-def clear_decisions() -> None:
-    """Forget cached backend decisions and measurements (the next call per shape decides anew)."""
-    _measured.clear()
-    _decisions.clear()
-
-
-_decisions: dict[tuple, str] = {}
-
-
-def _decision_key(x2d, weight, scale, bias, group) -> tuple:
-    # Everything the backend reasons depend on, so a cached decision is the one a full pass
-    # would make (the environment is part of it: BLIP2_FAST_BACKEND may change between calls).
-    # (TRITON_INTERPRET matters only when a backend is forced; reading os.environ costs ~0.7 us.)
-    forced = os.environ.get("BLIP2_FAST_BACKEND")
+def _key(x2d, weight, group, has_bias) -> tuple:
+    # Everything the backend reasons and timings depend on, so a cached decision is the one a
+    # full pass would make (the registry adds the environment).
     return (x2d.device, x2d.dtype, _m_bucket(x2d.shape[0]), weight.shape[0], weight.shape[1], group,
-            bias is not None, weight.is_contiguous(), torch.get_num_threads(),
-            forced, forced and os.environ.get("TRITON_INTERPRET"))
+            has_bias, weight.is_contiguous(), torch.get_num_threads())
+
+
+def int8_linear_key(x, weight, scale, bias=None) -> tuple:
+    """The dispatch key of `int8_linear(x, weight, scale, bias)`, for dispatch.explain("int8_linear", key)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return _key(x2d, weight, _check(x2d, weight, scale, bias), bias is not None)
 
 
 def _forward(x2d, weight, scale, bias, group):
-    key = _decision_key(x2d, weight, scale, bias, group)
-    backend = _decisions.get(key)
-    if backend is not None:  # the steady state of a decode loop: no reasons, no timing
-        return _RUNNERS[backend](x2d, weight, scale, bias, group)
-    candidates = _backends(x2d, weight, scale, bias, group)
-    forced = forced_backend()
-    usable = [name for name, reasons in candidates if not reasons and (forced is None or name.split(":")[0] == forced)]
-    out = None
-    # Timing picks among the CPU backends; the interpreter (forced Triton) is a correctness
-    # tool whose speed means nothing, so a forced Triton family keeps the preference order.
-    usable = [name for name in usable if not name.startswith("triton")]
-    if x2d.device.type == "cpu" and len(usable) > 1:
-        winner, times, out = _time_candidates({n: _RUNNERS[n] for n in usable}, (x2d, weight, scale, bias, group))
-        _measured[key] = (winner, times)
-        slower = {n: [times[n] if isinstance(times[n], str) else
-                      f"measured slower for this shape: {times[n] * 1e6:.0f} us vs {winner} {times[winner] * 1e6:.0f} us"]
-                  for n in usable if n != winner}
-        candidates = [(n, slower.get(n, r)) for n, r in candidates]
-    backend = choose(_OP, candidates)
-    _decisions[key] = backend
+    backend, out = _DISPATCH.select(_key(x2d, weight, group, bias is not None), x2d, weight, scale, bias, group)
+    # a call that was just timed already holds the winner's output
     return out if out is not None else _RUNNERS[backend](x2d, weight, scale, bias, group)
 
 

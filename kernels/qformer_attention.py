@@ -3,7 +3,7 @@
 Entry point: `qformer_attention(q, k, v, mode, num_query, key_padding_mask=None, scale=None)`,
 q/k/v (B, H, L, D) with L = num_query + T: the learned queries first, then T >= 0 text tokens.
 
-Modes (DESIGN.md §1; Q = query rows/keys, T = text rows/keys):
+Modes (Q = query rows/keys, T = text rows/keys):
   unimodal       (ITC)  Q attends Q only; T attends T only
   causal         (ITG)  Q attends Q only; the text row at position i attends all of Q and the text
                         keys at positions <= i. With queries first this is "key j < max(NQ, i+1)".
@@ -66,20 +66,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, triton_usable
-
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:  # off Linux triton may be missing: the torch path serves and
-    triton = None  # dispatch.triton_usable() reports the import error as the refusal reason
-
-    class tl:  # noqa: N801 - the one name the kernel signatures evaluate when defined
-        constexpr = None
-
-    def _jit(fn=None, **_kw):
-        return fn if fn is not None else (lambda f: f)
+from . import dispatch
+from .triton_support import jit, next_power_of_2, on_device, tl, triton, triton_usable
 
 
 MODES = ("unimodal", "causal", "bidirectional")
@@ -93,7 +81,7 @@ _LOG2E = 1.4426950408889634
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
-@_jit
+@jit
 def _allowed(rows, cols, NQ, LQ, LK, MODE: tl.constexpr):
     """The structural mask for broadcast-shaped row and column indices (padding is separate)."""
     ok = (rows < LQ) & (cols < LK)
@@ -104,7 +92,7 @@ def _allowed(rows, cols, NQ, LQ, LK, MODE: tl.constexpr):
     return ok
 
 
-@_jit
+@jit
 def _key_range(m0, m1, NQ, LK, MODE: tl.constexpr):
     """[lo, hi): the keys that rows m0..m1-1 (m1 exclusive, already clipped to LQ) can attend."""
     if MODE == 0:
@@ -119,7 +107,7 @@ def _key_range(m0, m1, NQ, LK, MODE: tl.constexpr):
     return lo, hi
 
 
-@_jit
+@jit
 def _query_range(n0, n1, NQ, LQ, MODE: tl.constexpr):
     """[lo, hi): the rows that can attend keys n0..n1-1 (n1 exclusive, already clipped to LK)."""
     if MODE == 0:
@@ -135,7 +123,7 @@ def _query_range(n0, n1, NQ, LQ, MODE: tl.constexpr):
     return lo, hi
 
 
-@_jit
+@jit
 def _trim_to_padding(lo, hi, pad_row, LK, BLOCK_N: tl.constexpr):
     """Narrow [lo, hi) to [first, last] valid key of the padding vector (a byte per key)."""
     first = LK + 0
@@ -148,7 +136,7 @@ def _trim_to_padding(lo, hi, pad_row, LK, BLOCK_N: tl.constexpr):
     return tl.maximum(lo, first), tl.minimum(hi, last)
 
 
-@_jit(do_not_specialize=["NQ", "LQ", "LK"])
+@jit(do_not_specialize=["NQ", "LQ", "LK"])
 def _qformer_attn_fwd_kernel(
     Q, K, V, O, LSE, PAD,
     stride_qb, stride_qh, stride_qm,
@@ -160,6 +148,10 @@ def _qformer_attn_fwd_kernel(
     MODE: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Forward: one program per (batch*head, BLOCK_M rows). Online softmax over the key tiles the
+    mode and the padding let these rows reach (module docstring), fp32 accumulator; writes O and
+    the base-2 log-sum-exp per row (0 for a row with no key, which outputs 0). Limits: head dim
+    <= BLOCK_D <= 128, the last dim of every tensor contiguous."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -214,7 +206,7 @@ def _qformer_attn_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
 
-@_jit(do_not_specialize=["NQ", "LQ", "LK", "NUM_KV_BLOCKS"])
+@jit(do_not_specialize=["NQ", "LQ", "LK", "NUM_KV_BLOCKS"])
 def _qformer_attn_bwd_kernel(
     Q, K, V, O, DO, LSE, PAD, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm,
@@ -230,6 +222,10 @@ def _qformer_attn_bwd_kernel(
     MODE: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Backward in one launch: programs [0, NUM_KV_BLOCKS) own a key block and accumulate dK, dV
+    over the row blocks that can see it; the others own a row block and accumulate dQ over its
+    keys. Both recompute P from Q, K and the saved LSE and form delta = rowsum(dO * O) in place:
+    no atomics, no pre-processing launch, deterministic. Same limits as the forward."""
     pid_bh = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -323,17 +319,13 @@ def _qformer_attn_bwd_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _tiles(lq: int, lk: int, head_dim: int, elem_bytes: int) -> dict:
     """Tile sizes for the Q-Former's small shapes (reasoned, not yet measured on a GPU)."""
     # 32-row blocks keep the 32 queries and the text apart, so the mode's tile skip applies; tl.dot
     # needs every dimension >= 16. 64-wide tiles only for long sequences, and not for fp32 with a
     # 128 head dim: compiled for sm_90 that backward asks ~180 KB of shared memory (more than an
     # A100 has), against ~86 KB with 32-wide tiles.
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     wide_ok = elem_bytes * block_d <= 256
     return dict(BLOCK_M=64 if lq > 128 and wide_ok else 32, BLOCK_N=64 if lk > 128 and wide_ok else 32,
                 BLOCK_D=block_d, num_warps=4, num_stages=2)
@@ -386,16 +378,17 @@ def _qformer_attn_fwd(q, k, v, mode_id: int, num_query: int, pad, scale: float):
         return out, lse
     t = _tiles(LQ, LK, D, q.element_size())
     grid = (B * H, triton.cdiv(LQ, t["BLOCK_M"]))
-    _qformer_attn_fwd_kernel[grid](
-        q, k, v, out, lse, pad if pad is not None else q,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
-        H, num_query, LQ, LK, scale * _LOG2E,
-        MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
-    )
+    with on_device(q):
+        _qformer_attn_fwd_kernel[grid](
+            q, k, v, out, lse, pad if pad is not None else q,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
+            H, num_query, LQ, LK, scale * _LOG2E,
+            MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
+        )
     return out, lse
 
 
@@ -413,20 +406,21 @@ def _qformer_attn_bwd(do, q, k, v, out, lse, mode_id: int, num_query: int, pad, 
     t = _tiles(LQ, LK, D, q.element_size())
     num_kv_blocks = triton.cdiv(LK, t["BLOCK_N"])
     grid = (B * H, num_kv_blocks + triton.cdiv(LQ, t["BLOCK_M"]))
-    _qformer_attn_bwd_kernel[grid](
-        q, k, v, out, do, lse, pad if pad is not None else q, dq, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
-        H, num_query, LQ, LK, num_kv_blocks, scale * _LOG2E, scale,
-        MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
-    )
+    with on_device(q):
+        _qformer_attn_bwd_kernel[grid](
+            q, k, v, out, do, lse, pad if pad is not None else q, dq, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
+            H, num_query, LQ, LK, num_kv_blocks, scale * _LOG2E, scale,
+            MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
+        )
     return dq, dk, dv
 
 
@@ -559,13 +553,24 @@ def qformer_attention_backends(q, k, v, key_padding_mask=None) -> dict[str, list
     return {"triton": reasons, "torch": []}
 
 
+def qformer_attention_key(q, k, v, key_padding_mask=None) -> tuple:
+    """The dispatch key of a call: everything qformer_attention_backends depends on (dtypes,
+    head dim, devices); the batch and sequence sizes do not change the decision."""
+    return (q.device, q.dtype, k.dtype, v.dtype, q.shape[-1], k.device, v.device,
+            None if key_padding_mask is None else key_padding_mask.device)
+
+
+_DISPATCH = dispatch.register("qformer_attention", ("triton", "torch"),
+                              lambda q, k, v, pad: qformer_attention_backends(q, k, v, pad))
+
+
 def qformer_attention(q, k, v, mode: str, num_query: int, key_padding_mask=None, scale=None):
     """Masked self-attention of the Q-Former. q, k, v (B, H, L, D), L = num_query + T; returns (B, H, L, D).
 
     mode: "unimodal" | "causal" | "bidirectional" (module docstring); key_padding_mask: optional
     (B, L) bool/int, nonzero = may be attended; scale defaults to 1/sqrt(D). Rows with no key
-    output 0. Dispatch (DESIGN.md §3): the Triton kernel on CUDA, else torch SDPA with the
-    explicit mask; BLIP2_FAST_BACKEND=torch|triton forces one.
+    output 0. Dispatch (kernels/dispatch.py, one decision per qformer_attention_key): the Triton
+    kernel on CUDA, else torch SDPA with the explicit mask; BLIP2_FAST_BACKEND=torch|triton forces one.
     """
     _mode_id(mode)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -577,7 +582,7 @@ def qformer_attention(q, k, v, mode: str, num_query: int, key_padding_mask=None,
                                          or key_padding_mask.shape[1] != L):
         raise ValueError(f"key_padding_mask must be (B={B} or 1, L={L}), got {tuple(key_padding_mask.shape)}")
     scale = _default_scale(q, scale)
-    backend = choose("qformer_attention", list(qformer_attention_backends(q, k, v, key_padding_mask).items()))
+    backend, _ = _DISPATCH.select(qformer_attention_key(q, k, v, key_padding_mask), q, k, v, key_padding_mask)
     if backend == "triton":
         return qformer_attention_triton(q, k, v, mode, num_query, key_padding_mask, scale)
     return _qformer_attention_torch(q, k, v, mode, num_query, key_padding_mask, scale)

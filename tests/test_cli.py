@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from blip2_fast import cli
+from blip2_fast.engine import Engine, Settings
 from blip2_fast.images import ImageSpec, load_images, preprocess
 from blip2_fast.testing import make_tiny_folder
 
@@ -104,7 +105,7 @@ def test_load_images_names_bad_file(tmp_path):
 
 
 def test_prompt_ids_match_blip2_processor(tiny, models):
-    engine = cli.Engine.load(tiny.folder)
+    engine = Engine.load(tiny.folder)
     prompts = ["a photo of", "what", "question : what color is the"]
     ids, mask = engine.encode(prompts)
     ref = models.processor(images=[Image.open(tiny.images[0])] * 3, text=prompts, return_tensors="pt", padding=True)
@@ -151,13 +152,13 @@ def test_subprocess_python_m(tiny, models):
 # ---------------------------------------------------------------------------- vqa and chat
 def test_vqa_uses_opt_template_and_defaults(tiny, models, capsys, monkeypatch):
     seen = []
-    real = cli.Engine.generate
-    monkeypatch.setattr(cli.Engine, "generate", lambda self, px, prompts, s, **kw: seen.append((prompts, s)) or
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, px, prompts, s, **kw: seen.append((prompts, s)) or
                         real(self, px, prompts, s, **kw))
     code, out, _ = run(capsys, "vqa", tiny.images[1], "--question", "what color", "--model", tiny.folder)
     assert code == 0
     assert seen[0][0] == ["Question: what color Answer:"]
-    assert seen[0][1] == cli.Settings(beams=5, max_new_tokens=10, min_new_tokens=0, length_penalty=-1.0)
+    assert seen[0][1] == Settings(beams=5, max_new_tokens=10, min_new_tokens=0, length_penalty=-1.0)
     _, ref = expected(models, tiny.images[1:2], ["Question: what color Answer:"], num_beams=5,
                       max_new_tokens=10, length_penalty=-1.0)
     assert out.strip() == ref[0]
@@ -263,8 +264,8 @@ def test_a_question_reading_model_without_its_qformer_tokenizer_is_refused(reade
 
 # ---------------------------------------------------------------------------- errors
 def test_errors_exit_2_with_a_message(tiny, capsys, tmp_path, monkeypatch):
-    import blip2_fast.cli as cli
-    monkeypatch.setattr(cli, "default_model", lambda kind="generation": None)  # an install without one
+    import blip2_fast.engine as engine
+    monkeypatch.setattr(engine, "default_model", lambda kind="generation": None)  # an install without one
     bad = tmp_path / "bad.png"
     bad.write_text("this is text")
     no_tokenizer = tmp_path / "weights_only"

@@ -1,8 +1,8 @@
-"""The shipped miniature BLIP-2 captioning/VQA model (issue 7, `blip2-shapes`): it loads, it
-captions and answers scenes rendered now from a seed never trained on at issue 7's bars (0.90
+"""The shipped miniature BLIP-2 captioning/VQA model (`blip2-shapes`): it loads, it
+captions and answers scenes rendered now from a seed never trained on at the shipped model's bars (0.90
 each), transformers generates the same tokens from the same weights (Blip2ForConditionalGeneration
 for captions and prompts; InstructBLIP for answers, since the model's Q-Former reads the question
-as in the paper's VQA finetune), its int8 LLM keeps the captions (issue 5), and `caption`, `vqa`,
+as in the paper's VQA finetune), its int8 LLM keeps the captions, and `caption`, `vqa`,
 `chat` and `demo` use it when no --model is given. The judge is the world itself
 (`world.parse_caption`, `world.questions`), not the model."""
 import json
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from blip2_fast import world
-from blip2_fast.cli import Engine, default_model, main
+from blip2_fast.cli import main
+from blip2_fast.engine import Engine, default_model
 from blip2_fast.miniature.evaluate import accuracy_by_type, caption_accuracy, render_scenes, vqa_accuracy
 
 SEED = 2026  # the recipe evaluates on 12345; any seed of the "eval" split is unseen in training
@@ -98,8 +99,8 @@ def test_transformers_instructblip_gives_the_same_answers(engine, scenes):
 
 
 def test_int8_llm_keeps_the_greedy_captions_of_90_percent_of_32_images(engine, scenes):
-    """Issue 5: greedy captions of the int8-LLM model identical to the float model's."""
-    from blip2_fast.cli import Settings
+    """Greedy captions of the int8-LLM model identical to the float model's."""
+    from blip2_fast.engine import Settings
     from blip2_fast.miniature.evaluate import _pixels
     from blip2_fast.models.blip2 import Blip2ForConditionalGeneration
     from blip2_fast.quantization import Int8Linear

@@ -1,5 +1,5 @@
-"""The shipped miniature BLIP-2 retrieval model (issue 7, `blip2-shapes-itm`): it loads, it
-reaches the issue's recall@1 on galleries of scenes rendered now from a seed never trained on,
+"""The shipped miniature BLIP-2 retrieval model (`blip2-shapes-itm`): it loads, it
+reaches the shipped model's recall@1 on galleries of scenes rendered now from a seed never trained on,
 transformers computes the same scores from the same folder, and the CLI and the demo use it
 when no --model is given. The judge is the world itself (`world.caption`), not the model.
 The captioning/VQA model (`blip2-shapes`) is tested in test_default_generation.py."""
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blip2_fast import world
-from blip2_fast.cli import default_model, main
+from blip2_fast.cli import main
+from blip2_fast.engine import default_model
 from blip2_fast.miniature.evaluate import render_scenes, retrieval_recall
 
 SEED = 2026  # the recipe evaluates on 12345; any seed of the "eval" split is unseen in training

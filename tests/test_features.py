@@ -6,7 +6,7 @@ import transformers as T
 
 from blip2_fast.loading import CheckpointError
 from blip2_fast.models import features as F
-from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
+from blip2_fast.models.retrieval_heads import Blip2ForImageTextRetrieval
 from blip2_fast.testing import hf_config, random_pixels, randomize_
 
 Q = 4

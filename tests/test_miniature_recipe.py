@@ -1,6 +1,6 @@
 """The miniature recipe end to end at smoke-test size (`reproduce(quick=True)`): every stage runs
 through `blip2-fast train`, the shipped folders load in transformers with our outputs, and the
-evaluation reports every metric of issue 7. The numbers of a quick run mean nothing; this checks
+evaluation reports every metric of the shipped model's bar. The numbers of a quick run mean nothing; this checks
 the plumbing, the formats and the metric code."""
 import json
 import os
@@ -69,7 +69,7 @@ def test_report_has_every_metric(run):
 def test_the_finetune_taught_the_qformer_to_read_the_question(run):
     """As the paper's VQA finetune: the shipped model's config says its Q-Former reads the question,
     so the CLI and the evaluation feed it (tests/test_cli.py checks that against InstructBLIP)."""
-    from blip2_fast.cli import Engine
+    from blip2_fast.engine import Engine
 
     engine = Engine.load(run[0]["final"], device="cpu")
     assert engine.model.reads_question and engine.qformer_tokenizer is not None

@@ -176,18 +176,18 @@ def test_error_codes(lib):
 
 
 def test_dispatcher_uses_native_or_says_why(lib):
-    im.clear_decisions()
+    dispatch.clear_decisions("int8_linear")
     x, q, s, b = make(1, 64, 256, None, torch.float32)
     im.int8_linear(x, q, s, b)
     decision = dispatch.explain("int8_linear")
-    times = im.measured_choices()
-    assert decision["chosen"] == "native:gemv" or "measured slower" in " ".join(decision["refused"]["native:gemv"]), times
+    assert (decision["chosen"] == "native:gemv"
+            or "measured slower" in " ".join(decision["refused"]["native:gemv"])), decision
     assert any("M = 1 <= 4" in r for r in dict(im.int8_linear_backends(x, q, s, b))["native:gemm"])
     x, q, s, b = make(9, 64, 256, None, torch.float32)
     im.int8_linear(x, q, s, b)
-    (winner, times), = [v for k, v in im.measured_choices().items() if k[2] == 9]
-    assert {"native:gemv", "native:gemm"} <= set(times)  # both algorithms timed above 4 rows
-    im.clear_decisions()
+    decision = dispatch.explain("int8_linear", im.int8_linear_key(x, q, s, b))
+    assert {"native:gemv", "native:gemm"} <= set(decision["timings"])  # both algorithms timed above 4 rows
+    dispatch.clear_decisions("int8_linear")
 
 
 def test_disabled_library_is_refused_with_its_reason(monkeypatch):
@@ -195,7 +195,7 @@ def test_disabled_library_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setenv("BLIP2_FAST_NO_NATIVE", "1")
     monkeypatch.setattr(im, "_lib", None)
     native.reset()
-    im.clear_decisions()
+    dispatch.clear_decisions("int8_linear")
     try:
         assert native.load() is None
         assert "BLIP2_FAST_NO_NATIVE" in native.unavailable_reason()
@@ -208,7 +208,7 @@ def test_disabled_library_is_refused_with_its_reason(monkeypatch):
     finally:
         monkeypatch.undo()
         native.reset()
-        im.clear_decisions()
+        dispatch.clear_decisions("int8_linear")
 
 
 def test_search_paths_and_unloadable_files(monkeypatch, tmp_path):

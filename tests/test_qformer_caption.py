@@ -8,8 +8,8 @@ import torch
 from blip2_fast.config import Blip2Config
 from blip2_fast.generation import GenerationConfig, generate_tokens
 from blip2_fast.loading import CheckpointError
-from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
-from blip2_fast.qformer_caption import Blip2QFormerForCaptioning
+from blip2_fast.models.retrieval_heads import Blip2ForImageTextRetrieval
+from blip2_fast.models.qformer_caption import Blip2QFormerForCaptioning
 from blip2_fast.testing import hf_config, random_pixels, randomize_
 
 BOS, EOS, Q = 3, 7, 4
@@ -87,7 +87,7 @@ class EagerState:
 
 # ---------------------------------------------------------------------------- tests
 def test_cached_steps_equal_eager_and_full_causal_forward(model):
-    from blip2_fast.qformer_caption import CaptionState
+    from blip2_fast.models.qformer_caption import CaptionState
     pixels = random_pixels(2, seed=3)
     ids = torch.cat([torch.full((2, 1), BOS), torch.randint(4, 90, (2, 6), generator=torch.Generator().manual_seed(0))], 1)
     with torch.no_grad():

@@ -8,9 +8,9 @@ import torch
 
 from blip2_fast.images import ImageError
 from blip2_fast.loading import CheckpointError
-from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
-from blip2_fast.retrieval import (RetrievalError, Retriever, list_images, read_texts, recall_at_k,
-                                  retrieve_main)
+from blip2_fast.models.retrieval_heads import Blip2ForImageTextRetrieval
+from blip2_fast.cli.retrieve import retrieve_main
+from blip2_fast.retrieval import RetrievalError, Retriever, list_images, read_texts, recall_at_k
 from blip2_fast.testing import hf_config, make_tokenizer, random_pixels, randomize_
 
 Q = 5

@@ -15,9 +15,10 @@ from PIL import Image
 from blip2_fast import world as W
 from blip2_fast.images import ImageSpec, preprocess
 from blip2_fast.testing import make_tokenizer
+from blip2_fast.tokenizers import tokenize_texts
 from blip2_fast.training.data import (DataError, ImageTransform, PairDataset, Record, ResumableSampler, SkipLog,
                                       TextCollator, _Draws, make_loader, random_resized_crop_box, read_image_bytes,
-                                      read_records, tokenize_texts)
+                                      read_records)
 
 
 def _png(path, seed=0, size=(20, 14), mode="RGB"):

@@ -106,7 +106,7 @@ def test_losses_fall_and_itc_accuracy_rises(tmp_path_factory, tmp_path):
     rows = read_metrics(str(out))
     for key in ("loss_itc", "loss_itm", "loss_itg"):
         assert rows[-1][key] < rows[0][key], (key, rows[0][key], rows[-1][key])
-    from blip2_fast.models.retrieval import Blip2ForImageTextRetrieval
+    from blip2_fast.models.retrieval_heads import Blip2ForImageTextRetrieval
     trained = Blip2ForImageTextRetrieval.from_pretrained(result["exported"], skip_unused=True)
     untrained = Blip2ForImageTextRetrieval.from_pretrained(str(folder))
     acc_after, acc_before = itc_accuracy(trained, data), itc_accuracy(untrained, data)
@@ -145,7 +145,11 @@ def test_interrupted_save_keeps_the_previous_checkpoint(folder, world, tmp_path,
     real_save = torch.save
 
     def dying_save(obj, f, *a, **kw):
-        f.write(b"partial bytes of a checkpoint")
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as partial:
+                partial.write(b"partial bytes of a checkpoint")
+        else:
+            f.write(b"partial bytes of a checkpoint")
         raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(torch, "save", dying_save)

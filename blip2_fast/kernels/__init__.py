@@ -30,4 +30,4 @@ if not _os.path.isfile(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)
         and _is_source_checkout_ops(_SOURCE_OPS):
     __path__.append(_SOURCE_OPS)  # noqa: F821 (a package's __path__ exists while it runs)
 
-from .dispatch import BackendRefused, explain, forced_backend  # noqa: E402,F401
+from .dispatch import BackendRefused, clear_decisions, decisions, explain, forced_backend  # noqa: E402,F401

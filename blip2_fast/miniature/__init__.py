@@ -1,4 +1,4 @@
-"""The miniature BLIP-2 of issue 7, recipe step 1: its architecture and the pretraining of the
+"""The miniature BLIP-2 shipped with the package, recipe step 1: its architecture and the pretraining of the
 models BLIP-2 keeps frozen (ViT, OPT LM) and of the text encoder that initialises the Q-Former.
 
     python -m blip2_fast.miniature pretrain --out DIR [--quick]

@@ -19,6 +19,10 @@ import time
 import torch
 
 from .. import world
+from ..engine import Engine, EngineError, default_device, default_model, resolve_model
+from ..images import preprocess
+from ..retrieval import Retriever
+from .evaluate import Scenes, caption_accuracy, vqa_accuracy
 from .preset import IMAGE_SIZE
 
 DEMO_SPLIT = "demo"
@@ -37,12 +41,8 @@ def _mark(ok: bool) -> str:
 def demo(n: int = 8, seed: int = 0, model: str | None = None, retrieval_model: str | None = None,
          device: str | None = None, save: str | None = None, out=print) -> dict:
     """Run the demo, print its tables through `out`; return the accuracies and throughputs."""
-    from ..cli import CLIError, Engine, default_model, resolve_model
-    from ..images import preprocess
-    from ..retrieval import Retriever
-
     if n < 2:
-        raise CLIError(f"--n {n}: the demo needs at least 2 scenes for its retrieval")
+        raise EngineError(f"--n {n}: the demo needs at least 2 scenes for its retrieval")
     scenes, images, questions = [], [], []
     for i in range(n):
         rng = world.scene_rng(seed, i, DEMO_SPLIT)
@@ -62,7 +62,7 @@ def demo(n: int = 8, seed: int = 0, model: str | None = None, retrieval_model: s
             "retrieval one); pass --model with a BLIP-2 folder to run them.")
     else:
         report.update(_generation(Engine.load(model, device=device), scenes, images, questions, truth, out))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     retriever = Retriever.from_pretrained(resolve_model(retrieval_model, "retrieval"), device=device, progress=False)
     t = time.perf_counter()
     result = retriever.retrieve(retriever.encode_images(preprocess(images, retriever.spec).to(retriever.model.device)),
@@ -90,8 +90,6 @@ def demo(n: int = 8, seed: int = 0, model: str | None = None, retrieval_model: s
 def _generation(engine, scenes, images, questions, truth, out) -> dict:
     """Caption every scene and ask its question (`evaluate`'s judges, the CLI's defaults); print
     both tables; return accuracies and rates."""
-    from .evaluate import Scenes, caption_accuracy, vqa_accuracy
-
     n = len(scenes)
     data = Scenes(scenes, images, [[qa] for qa in questions])
     with torch.no_grad():
@@ -105,21 +103,4 @@ def _generation(engine, scenes, images, questions, truth, out) -> dict:
     return {"caption_accuracy": cap_acc, "captions_per_s": cap_rate, "vqa_accuracy": vqa_acc, "answers_per_s": vqa_rate}
 
 
-def demo_main(args: dict) -> int:
-    demo(n=args["n"], seed=args["seed"], model=args.get("model"), retrieval_model=args.get("retrieval_model"),
-         device=args.get("device"), save=args.get("save"))
-    return 0
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="caption, question and retrieve freshly rendered shape scenes with the "
-                                    "shipped models")
-    p.add_argument("--n", type=int, default=8, help="scenes to render (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="captioning/VQA model folder (default: the shipped blip2-shapes)")
-    p.add_argument("--retrieval-model", help="retrieval model folder (default: the shipped blip2-shapes-itm)")
-    p.add_argument("--device", help="cpu, cuda ... (default cuda when available)")
-    p.add_argument("--save", metavar="DIR", help="also write the rendered images as PNG files into DIR")
-
-
-__all__ = ["demo", "demo_main", "add_demo_parser"]
+__all__ = ["demo"]

@@ -1,4 +1,4 @@
-"""Judging the miniature BLIP-2 the way issue 7 states the bar, on freshly rendered scenes.
+"""Judging the miniature BLIP-2 against the world's truth, on freshly rendered scenes.
 
 - captioning: the generated caption parses back (`world.parse_caption`) to exactly the scene's
   objects (size, colour, shape, left/right) — "all attributes right";
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import world
+from ..engine import DEFAULTS, Engine, Settings
+from ..images import preprocess
+from ..retrieval import Retriever, recall_at_k
 
 EVAL_SPLIT = "eval"
 
@@ -42,14 +45,11 @@ def render_scenes(n: int, seed: int, resolution: int = 64, split: str = EVAL_SPL
 
 
 def _pixels(engine, images):
-    from ..images import preprocess
     return preprocess(images, engine.spec).to(engine.model.device)
 
 
 def caption_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> tuple[float, list[str], float]:
     """(fraction of captions with every attribute right, the captions, images/s)."""
-    from ..cli import DEFAULTS, Settings
-
     s = Settings(**{**DEFAULTS["caption"], **settings})
     captions, start = [], time.perf_counter()
     for i in range(0, len(data.images), batch_size):
@@ -62,8 +62,6 @@ def caption_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> 
 
 def vqa_accuracy(engine, data: Scenes, batch_size: int = 32, **settings) -> tuple[float, list, float]:
     """(exact-match fraction over all questions, [(question, answer, predicted)], questions/s)."""
-    from ..cli import DEFAULTS, Settings
-
     s = Settings(**{**DEFAULTS["vqa"], **settings})
     items = [(img, q, a) for img, pairs in zip(data.images, data.qa) for q, a in pairs]
     out, start = [], time.perf_counter()
@@ -93,9 +91,6 @@ def accuracy_by_type(answers: list) -> dict:
 
 def retrieval_recall(retriever, data: Scenes, gallery: int = 100, k: int = 16) -> dict:
     """Mean text->image and image->text recall@1 over consecutive galleries of `gallery` scenes."""
-    from ..images import preprocess
-    from ..retrieval import recall_at_k
-
     t2i, i2t, n_img, start = [], [], 0, time.perf_counter()
     for g in range(0, len(data.scenes) - gallery + 1, gallery):
         scenes, images = data.scenes[g:g + gallery], data.images[g:g + gallery]
@@ -114,8 +109,6 @@ def retrieval_recall(retriever, data: Scenes, gallery: int = 100, k: int = 16) -
 
 def caption_score(folder: str, n: int, seed: int = 99, device: str = "cpu") -> float:
     """Fraction of n fresh scenes whose caption by `folder` has every attribute right."""
-    from ..cli import Engine
-
     engine = Engine.load(folder, device=device)
     with torch.no_grad():
         return caption_accuracy(engine, render_scenes(n, seed, engine.spec.height))[0]
@@ -141,8 +134,6 @@ def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 9
     right, only B gets right) and McNemar's z = (only_a - only_b) / sqrt(only_a + only_b). Pairing
     cancels the luck of the scenes drawn, so a gap of a point or two over 1000 scenes can be told
     from noise (|z| > 2 is p < 0.05); it says nothing about the luck of the training run."""
-    from ..cli import Engine
-
     data, right = None, {}
     for tag, folder in (("a", folder_a), ("b", folder_b)):
         engine = Engine.load(folder, device=device)
@@ -161,9 +152,7 @@ def paired_comparison(folder_a: str, folder_b: str, n: int = 1000, seed: int = 9
 
 def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int = 12345,
              device: str = "cpu", progress: bool = False) -> dict:
-    """Every metric of issue 7 for a generation folder (and a retrieval folder)."""
-    from ..cli import Engine
-
+    """Every metric of the shipped model's bar (captions, VQA, retrieval) for a generation folder (and a retrieval folder)."""
     engine = Engine.load(folder, device=device)
     resolution = engine.spec.height
     data = render_scenes(n, seed, resolution)
@@ -176,7 +165,6 @@ def evaluate(folder: str, retrieval_folder: str | None, n: int = 200, seed: int 
               "caption_examples": [(world.caption(s), c) for s, c in zip(data.scenes[:5], captions[:5])],
               "vqa_examples": answers[:5]}
     if retrieval_folder:
-        from ..retrieval import Retriever
         retriever = Retriever.from_pretrained(retrieval_folder, device=device, progress=progress)
         report.update(retrieval_recall(retriever, data))
     return report

@@ -1,8 +1,9 @@
 """The miniature BLIP-2's architecture, its initialisation, and helpers the pretrainings share.
 
-Sizes (issue 7, recipe step 1), chosen so the whole model is ~2.6M parameters (~10 MB in
-fp32, under the 20 MB the shipped folder may take) and the unimodal pretrainings fit in about a
-quarter of an hour on a 2-core CPU (the ViT 12.5 min, the LM and text encoder 2 min):
+Sizes (for step 1 of the recipe in `recipe.py`, the unimodal pretrainings), chosen so the whole
+model is ~2.6M parameters (~10 MB in fp32, under the 20 MB the shipped folder may take) and the
+unimodal pretrainings fit in about a quarter of an hour on a 2-core CPU (the ViT 12.5 min, the LM
+and text encoder 2 min):
 - ViT: 64 px images, patch 8 -> 8x8 patches + CLS = 65 tokens; width 96, 4 layers, 4 heads,
   MLP 384. An object is at least 13 px (small = 20-30% of the side), so it covers two patches
   or more, and the left/right halves are whole patch columns (0-3 and 4-7).
@@ -17,12 +18,12 @@ quarter of an hour on a 2-core CPU (the ViT 12.5 min, the LM and text encoder 2 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch import nn
 
+from ..atomic import write_file
 from ..config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
 from ..images import ImageSpec
 
@@ -142,32 +143,13 @@ def mimetic_attention_init_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.05) -> float:
-    """lr multiplier: linear warm-up over `warmup` steps, then cosine down to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
-    """AdamW with the paper's betas; no decay on biases, LayerNorms and embeddings-like vectors."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-
-
 def save_weights(state: dict, path: str) -> None:
     """safetensors, written beside the target then renamed (an interrupted save leaves no
     truncated file); tensors sharing storage (tied weights) are saved once per name, cloned."""
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def load_weights(path: str) -> dict:

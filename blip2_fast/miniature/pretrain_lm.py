@@ -42,13 +42,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from ..bpe import EOS, world_corpus
 from ..world import caption, questions, sample_scene, scene_rng
 from ..models.opt import OPTLM
-from .preset import (NUM_QUERY_TOKENS, PAD_ID, init_weights_, load_weights, make_optimizer, miniature_opt_config, save_weights,
-                     set_threads, warmup_cosine)
+from .preset import (NUM_QUERY_TOKENS, PAD_ID, init_weights_, load_weights, miniature_opt_config, save_weights,
+                     set_threads)
+from .pretrain_loop import pretrain_loop
 
 log = logging.getLogger("blip2_fast.miniature")
 
@@ -231,30 +231,24 @@ def pretrain_lm(out_dir: str, tokenizer_dir: str, steps: int = 1600, batch_size:
     cfg = miniature_opt_config(tok.get_vocab_size())
     model = init_weights_(OPTLM(cfg))
     model.tie_weights()
-    opt = make_optimizer(model, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
     stream = world_corpus(10 ** 9, seed, split="lm_train")  # lazily drawn: never materialised
     first = list(itertools.islice(stream, batch_size))
-    losses, t0 = [], time.perf_counter()
     docs = scene_documents(10 ** 9, seed, split="lm_documents", copy_fraction=copy_fraction)
     pick = random.Random(seed)  # which steps read documents
+
+    def batches():  # drawn lazily, one per step: (input_ids, attention_mask)
+        for step in range(steps):
+            if fixed_batch or step == 0:
+                yield encode_lines(tok, first, cfg.max_position_embeddings)
+            elif pick.random() < document_probability:
+                yield encode_documents(tok, list(itertools.islice(docs, batch_size)), cfg.max_position_embeddings)[:2]
+            else:
+                yield encode_lines(tok, list(itertools.islice(stream, batch_size)), cfg.max_position_embeddings)
+
+    t0 = time.perf_counter()
     model.train()
-    for step in tqdm(range(steps), desc="language model", unit="step", disable=not progress):
-        if fixed_batch or step == 0:
-            ids, mask = encode_lines(tok, first, cfg.max_position_embeddings)
-        elif pick.random() < document_probability:
-            ids, mask, _ = encode_documents(tok, list(itertools.islice(docs, batch_size)), cfg.max_position_embeddings)
-        else:
-            ids, mask = encode_lines(tok, list(itertools.islice(stream, batch_size)), cfg.max_position_embeddings)
-        loss, _, _ = lm_loss(model, ids, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"LM pretraining: loss is {losses[-1]} at step {step}")
+    losses = pretrain_loop(model.named_parameters(), lambda batch: lm_loss(model, *batch)[0], batches(), steps, lr,
+                           warmup, weight_decay, progress, desc="language model")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     val = evaluate(model, tok, seed + 1000, n_val_scenes)

@@ -32,7 +32,6 @@ import copy
 import itertools
 import json
 import logging
-import math
 import os
 import time
 
@@ -40,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
-from tqdm import tqdm
 
 from ..config import QFormerConfig
 from ..models.qformer import QFormerLMHead, QFormerModel, QFormerTextEmbeddings
 from ..world import COLORS, NUMBER_WORDS, SHAPES, SIZE_RANGE
-from .preset import init_weights_, load_weights, make_optimizer, miniature_qformer_config, save_weights, \
-    set_threads, warmup_cosine
+from .preset import init_weights_, load_weights, miniature_qformer_config, save_weights, set_threads
+from .pretrain_loop import pretrain_loop
 from .qformer_tokenizer import CLS, DEC, MASK, PAD, SEP, SPECIAL_TOKENS, qformer_corpus
 
 log = logging.getLogger("blip2_fast.miniature")
@@ -170,28 +168,27 @@ def pretrain_text_encoder(out_dir: str, tokenizer_dir: str, steps: int = 500, ba
     train_cfg = copy.deepcopy(cfg)
     train_cfg.hidden_dropout_prob = train_cfg.attention_probs_dropout_prob = 0.0
     model = init_weights_(TextEncoderMLM(train_cfg))
-    opt = make_optimizer(model, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
     gen = torch.Generator().manual_seed(seed)
     stream = mlm_texts(10 ** 9, seed, "text_train")
     first = list(itertools.islice(stream, batch_size))
-    losses, t0 = [], time.perf_counter()
+
+    def batches():  # drawn lazily, one per step: (masked ids, attention mask, chosen, original ids)
+        for step in range(steps):
+            texts = first if (fixed_batch or step == 0) else list(itertools.islice(stream, batch_size))
+            ids, mask = encode(tok, texts, cfg.max_position_embeddings)
+            if fixed_batch:  # the same masking too: a fixed batch is a memorisation check
+                gen.manual_seed(seed)
+            inp, chosen = mask_tokens(ids, tok, gen)
+            yield inp, mask, chosen, ids
+
+    def loss_of_batch(batch):
+        inp, mask, chosen, ids = batch
+        return F.cross_entropy(model(inp, mask, chosen).float(), ids[chosen])
+
+    t0 = time.perf_counter()
     model.train()
-    for step in tqdm(range(steps), desc="text encoder", unit="step", disable=not progress):
-        texts = first if (fixed_batch or step == 0) else list(itertools.islice(stream, batch_size))
-        ids, mask = encode(tok, texts, cfg.max_position_embeddings)
-        if fixed_batch:  # the same masking too: a fixed batch is a memorisation check
-            gen.manual_seed(seed)
-        inp, chosen = mask_tokens(ids, tok, gen)
-        loss = F.cross_entropy(model(inp, mask, chosen).float(), ids[chosen])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"text encoder pretraining: loss is {losses[-1]} at step {step}")
+    losses = pretrain_loop(model.named_parameters(), loss_of_batch, batches(), steps, lr, warmup, weight_decay,
+                           progress, desc="text encoder")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     val = evaluate(model, tok, seed + 1000, n_val_scenes)

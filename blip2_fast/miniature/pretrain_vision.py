@@ -45,13 +45,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..models.vision import VisionModel
 from ..world import COLORS, SHAPES, SIZE_RANGE, Scene, render, sample_scene, scene_rng
 from ..images import preprocess
-from .preset import (image_spec, init_vision_positions_, init_weights_, make_optimizer, miniature_vision_config, save_weights,
-                     set_threads, warmup_cosine)
+from .preset import (image_spec, init_vision_positions_, init_weights_, miniature_vision_config, save_weights,
+                     set_threads)
+from .pretrain_loop import pretrain_loop
 
 log = logging.getLogger("blip2_fast.miniature")
 
@@ -200,24 +200,17 @@ def pretrain_vision(out_dir: str, steps: int = 14000, batch_size: int = 16, seed
     cfg = miniature_vision_config()
     model = init_vision_positions_(init_weights_(VisionModel(cfg)))
     heads = init_weights_(AttributeHeads(cfg.hidden_size))
-    params = nn.ModuleList([model, heads])
-    opt = make_optimizer(params, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
-    losses, t0 = [], time.perf_counter()
-    model.train()
-    batches = _prefetched(seed, batch_size, resolutions, steps, fixed_batch)
-    for step in tqdm(range(steps), desc="vision", unit="step", disable=not progress):
-        pixels, targets, dense = next(batches)
+
+    def loss_of_batch(batch):
+        pixels, targets, dense = batch
         logits, patch_logits = heads(model(pixels))
-        loss = attribute_loss(logits, targets, patch_logits, dense, patch_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"vision pretraining: loss is {losses[-1]} at step {step}")
+        return attribute_loss(logits, targets, patch_logits, dense, patch_weight)
+
+    t0 = time.perf_counter()
+    model.train()
+    losses = pretrain_loop(nn.ModuleList([model, heads]).named_parameters(), loss_of_batch,
+                           _prefetched(seed, batch_size, resolutions, steps, fixed_batch), steps, lr, warmup,
+                           weight_decay, progress, desc="vision")
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     val = {f"{r}px": evaluate(model, heads, seed + 1000, n_val, r) for r in (64, 224)}

@@ -1,6 +1,6 @@
-"""The whole miniature BLIP-2 from scratch, as the paper trains the real one (issue 7):
+"""The whole miniature BLIP-2 from scratch, as the paper trains the real one:
 
-  1. unimodal pretraining (`__main__.pretrain`): tokenizers, the ViT, the OPT-shaped LM, the
+  1. unimodal pretraining (`pretrain.pretrain`): tokenizers, the ViT, the OPT-shaped LM, the
      BERT-shaped text encoder, assembled into one initial BLIP-2 folder;
   2. stage 1 (`blip2-fast train --stage 1`): frozen ViT, ITC + ITM + ITG;
   3. stage 2 (`blip2-fast train --stage 2`): frozen ViT and LM, LM loss on the world's captions and
@@ -52,6 +52,11 @@ import shutil
 import time
 
 from .. import world
+from ..models.retrieval_heads import Blip2ForImageTextRetrieval
+from ..training.loop import train
+from ..training.train_config import TrainConfig
+from .evaluate import caption_score, evaluate, paired_comparison
+from .pretrain import pretrain
 
 # measured on a 2-core CPU; --quick shrinks everything to a smoke test
 FULL = dict(train_images=6000, stage1=dict(steps=1500, batch_size=64, lr=1e-3),
@@ -79,19 +84,13 @@ def write_stage2_texts(train_jsonl: str, out: str, questions: bool = True) -> st
 
 
 def _train(stage: str, model: str, data: str, out: str, seed: int, progress: bool, **kw) -> str:
-    """One `blip2-fast train` run (the console script's own entry point); returns the exported folder."""
-    from ..cli import main
-
-    argv = ["train", "--stage", stage, "--model", model, "--data", data, "--out", out, "--seed", str(seed),
-            "--log-every", "25", "--save-every", "500", "--warmup-steps", "50", "--min-lr", "1e-5"]
-    for key, value in kw.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
-    if not progress:
-        argv.append("--no-progress")
-    if main(argv) != 0:
-        raise RuntimeError(f"blip2-fast {' '.join(argv)} failed")
-    return os.path.join(out, "model")
+    """One run of the training core (what `blip2-fast train` runs); returns the exported folder."""
+    fields = dict(stage=stage, model=model, data=[data], out=out, seed=seed, log_every=25, save_every=500,
+                  warmup_steps=50, min_lr=1e-5, progress=progress, **kw)
+    result = train(TrainConfig.from_dict(fields, f"recipe stage {stage}"))
+    if not result["exported"]:
+        raise RuntimeError(f"training stage {stage} into {out} exported no model")
+    return result["exported"]
 
 
 def early_stage2(starts: dict, train_jsonl: str, out: str, seed: int, progress: bool, steps=(100, 300),
@@ -99,8 +98,6 @@ def early_stage2(starts: dict, train_jsonl: str, out: str, seed: int, progress: 
     """The paper's Figure 5 in miniature: stage 2 on the captions alone, from each start folder
     (name -> folder), for each of a few short budgets; the captions judged on n fresh scenes.
     Returns {"images", "steps": {budget: {name: caption accuracy}}}."""
-    from .evaluate import caption_score
-
     os.makedirs(out, exist_ok=True)
     captions = write_stage2_texts(train_jsonl, os.path.join(out, "captions.jsonl"), questions=False)
     result = {"images": n, "steps": {}}
@@ -117,8 +114,6 @@ def early_stage2(starts: dict, train_jsonl: str, out: str, seed: int, progress: 
 def write_retrieval_folder(stage1_model: str, qformer_tokenizer: str, out: str) -> str:
     """The stage-1 model as a transformers Blip2ForImageTextRetrieval folder whose tokenizer is
     the Q-Former's (what the retrieval engine and transformers' processor read)."""
-    from ..models.retrieval import Blip2ForImageTextRetrieval
-
     model = Blip2ForImageTextRetrieval.from_pretrained(stage1_model, skip_unused=True)
     model.config.text = None  # no LLM in this folder
     model.config.image_token_index = None  # the OPT tokenizer's "<image>" id means another token here
@@ -143,9 +138,6 @@ def reproduce(out: str, quick: bool = False, seed: int = 0, ablation: bool = Fal
     """Run the recipe into `out`; returns {"times", "final", "itm", "report", ("ablation",
     "ablation_paired", "ablation_early")}.
     `pretrained`: reuse a finished step-1 folder instead of pretraining again."""
-    from .__main__ import pretrain
-    from .evaluate import evaluate, paired_comparison
-
     sizes, times = (QUICK if quick else FULL), {}
     t0 = time.perf_counter()
     pre = pretrained or os.path.join(out, "pretrain")

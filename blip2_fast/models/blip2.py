@@ -5,7 +5,7 @@ A drop-in for transformers' class of the same name: same checkpoint keys, same i
 same outputs. A prompt without placeholders is also accepted: the soft visual prompt is then
 prepended (BLIP-2's original layout), and the attention mask is extended to cover it.
 
-Question-conditioned Q-Former (VQA, DESIGN.md §1): when `config.qformer.use_qformer_text_input`
+Question-conditioned Q-Former (VQA): when `config.qformer.use_qformer_text_input`
 the model holds `embeddings` (BERT word + position embeddings, the keys `embeddings.*` of
 transformers' Blip2ForImageTextRetrieval and of our Blip2Stage1), and `get_image_features`,
 `forward` and `generate` take `qformer_input_ids` / `qformer_attention_mask` (InstructBLIP's
@@ -288,13 +288,13 @@ def _reads_qformer_text(folder: str) -> bool:
 def _checkpoint_keys(folder: str) -> set[str]:
     """Tensor names of a folder's checkpoint, from the safetensors headers (no tensor is read;
     a torch pickle is opened with mmap)."""
-    from ..loading import _weight_files, iter_checkpoint
+    from ..loading import weight_files, iter_checkpoint
     keys: set[str] = set()
 
     def note(key: str) -> bool:
         keys.add(key)
         return False  # never read the tensor
 
-    for _ in iter_checkpoint(_weight_files(folder), want=note):
+    for _ in iter_checkpoint(weight_files(folder), want=note):
         pass
     return keys

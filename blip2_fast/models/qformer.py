@@ -2,7 +2,7 @@
 
 Sequence layout: `[num_query learned queries ; T text tokens]` (either part may be empty).
 - Self-attention is shared by queries and text; the mask mode (`unimodal`, `causal`,
-  `bidirectional`, DESIGN.md §1) and the text padding go to the fused kernel
+  `bidirectional`) and the text padding go to the fused kernel
   `blip2_fast.kernels.qformer_attention`, which never materialises an L×L mask on the GPU.
 - Cross-attention to the image tokens in layers with `idx % cross_attention_frequency == 0`,
   for query rows only. The image tokens' K/V for all cross layers can be computed once per image

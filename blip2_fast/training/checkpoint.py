@@ -3,14 +3,14 @@
 A checkpoint is one torch file holding everything a resumed run needs to continue as if it had
 never stopped: the trainable weights, the optimiser, the step, the fp16 loss scaler, the data
 position (sampler state) and every random number generator (Python, numpy, torch CPU and CUDA,
-and the generator that draws ITM negatives), plus a fingerprint of the model.
+and the generator that draws ITM negatives), plus the run's training signature (architecture and trained tensors' shapes).
 
 Atomicity: the file is written under a temporary name in the same folder, flushed to disk
 (fsync), then renamed over the target with `os.replace` (atomic on POSIX). A kill at any point
 leaves either the previous checkpoint or the new one, never a truncated file.
 
 Fingerprint: the architecture (the model's config as a dict) and the names and shapes of the
-trainable tensors. Resuming with a checkpoint whose fingerprint differs is a `CheckpointError`
+trainable tensors. Resuming with a checkpoint whose signature differs is a `CheckpointError`
 naming the first difference, instead of a shape error deep in `load_state_dict` (or worse, a
 silent partial load).
 """
@@ -20,22 +20,23 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 
+from ..atomic import write_file
 from ..loading import CheckpointError
 
 FORMAT = "blip2_fast.train.v1"
 
 
-def model_fingerprint(config_dict: dict, trainable: dict[str, torch.Tensor]) -> dict:
+def training_signature(config_dict: dict, trainable: dict[str, torch.Tensor]) -> dict:
+    """What a checkpoint must match to resume this run: the architecture and the trained tensors' shapes."""
     arch = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"architecture": arch, "tensors": {k: list(v.shape) for k, v in sorted(trainable.items())}}
 
 
-def check_fingerprint(saved: dict, current: dict, path: str) -> None:
+def check_training_signature(saved: dict, current: dict, path: str) -> None:
     if saved.get("architecture") != current["architecture"]:
         raise CheckpointError(f"{path}: checkpoint is from another model (architecture "
                               f"{saved.get('architecture')} here, {current['architecture']} in this run)")
@@ -70,27 +71,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = N
 
 def save_atomic(obj, path: str) -> None:
     """torch.save to `path` so that the file under that name is always complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    write_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -108,5 +89,5 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-__all__ = ["FORMAT", "model_fingerprint", "check_fingerprint", "rng_state", "set_rng_state", "save_atomic",
+__all__ = ["FORMAT", "training_signature", "check_training_signature", "rng_state", "set_rng_state", "save_atomic",
            "load_checkpoint"]

@@ -11,7 +11,7 @@
 - `ResumableSampler`: seeded per-epoch permutation, rank sharding, and a position that the
   training loop moves with `advance()` only for batches it has trained on (DataLoader prefetch
   runs ahead of training, so "yielded" is not "consumed").
-- `TextCollator`, `make_loader`, `tokenize_texts`: generic batching and tokenisation helpers.
+- `TextCollator`, `make_loader`: generic batching helpers (tokenisation: `blip2_fast.tokenizers`).
 """
 from __future__ import annotations
 
@@ -312,37 +312,6 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int = 0, collate
         generator=torch.Generator().manual_seed(getattr(sampler, "seed", 0)))
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_length: int, add_eos: bool = False,
-                   padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, int]:
-    """-> (input_ids (B, T), attention_mask (B, T), n_truncated), T = the longest row (<= max_length).
-
-    The tokenizer's special tokens are added (BOS for OPT, [CLS]/[SEP] for BERT); add_eos
-    appends eos_token_id. A text longer than max_length is truncated by the tokenizer itself
-    (so its specials, e.g. BERT's [SEP], survive) and gets no EOS, since it did not end there.
-    """
-    if not texts or max_length < 1 or padding_side not in ("left", "right"):
-        raise ValueError(f"tokenize_texts: need texts, max_length >= 1 and padding_side left/right; got "
-                         f"{len(texts)} texts, max_length={max_length}, padding_side={padding_side!r}")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if pad is None or (add_eos and eos is None):
-        raise ValueError(f"tokenize_texts: tokenizer lacks a {'pad' if pad is None else 'eos'} token id")
-    rows = [list(r) + ([eos] if add_eos else []) for r in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-    long = [i for i, r in enumerate(rows) if len(r) > max_length]
-    if long:
-        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True,
-                        max_length=max_length)["input_ids"]
-        for i, r in zip(long, cut):
-            rows[i] = list(r)
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        s = slice(0, len(r)) if padding_side == "right" else slice(T - len(r), T)
-        ids[i, s] = torch.tensor(r, dtype=torch.long)
-        mask[i, s] = 1
-    return ids, mask, len(long)
-
-
 __all__ = ["DataError", "Record", "SkipLog", "read_records", "expand_source", "read_image_bytes",
            "load_record_image", "random_resized_crop_box", "ImageTransform", "PairDataset",
-           "ResumableSampler", "TextCollator", "make_loader", "tokenize_texts"]
+           "ResumableSampler", "TextCollator", "make_loader"]

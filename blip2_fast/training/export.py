@@ -16,26 +16,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from torch import nn
 
-from ..loading import SAFE_INDEX, CheckpointError, _fold_vision_biases, _weight_files, iter_checkpoint
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+from ..atomic import replace_folder
+from ..loading import SAFE_INDEX, WEIGHT_SUFFIXES, CheckpointError, fold_vision_biases, iter_checkpoint, weight_files
 
 
 def load_matching(module: nn.Module, folder: str) -> list[str]:
     """Copy the folder's tensors into `module` by name; return the names the folder lacked."""
     expected = module.state_dict()
     found, pending = {}, {}
-    for key, tensor in iter_checkpoint(_weight_files(folder)):
+    for key, tensor in iter_checkpoint(weight_files(folder)):
         if key.endswith(("self_attn.q_bias", "self_attn.v_bias")):
             pending[key] = tensor
         elif key in expected:
             found[key] = tensor
-    _fold_vision_biases(pending, found)
+    fold_vision_biases(pending, found)
     for key, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, the model built "
@@ -48,9 +46,9 @@ def load_matching(module: nn.Module, folder: str) -> list[str]:
 
 def _start_tensors(folder: str) -> dict[str, torch.Tensor]:
     state, pending = {}, {}
-    for key, tensor in iter_checkpoint(_weight_files(folder)):
+    for key, tensor in iter_checkpoint(weight_files(folder)):
         (pending if key.endswith(("self_attn.q_bias", "self_attn.v_bias")) else state)[key] = tensor
-    _fold_vision_biases(pending, state)
+    fold_vision_biases(pending, state)
     return state
 
 
@@ -64,10 +62,8 @@ def export_folder(start_folder: str, trained: dict[str, torch.Tensor], out: str,
         state[key] = tensor.detach().to("cpu", copy=True).contiguous()
     # safetensors refuses shared storage (tied weights read from one file share none, but be safe)
     state = {k: v.clone() for k, v in state.items()}
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+
+    def fill(tmp: str) -> None:
         for name in os.listdir(start_folder):
             src = os.path.join(start_folder, name)
             if name.endswith(WEIGHT_SUFFIXES) or name in (SAFE_INDEX, "pytorch_model.bin.index.json") \
@@ -81,16 +77,8 @@ def export_folder(start_folder: str, trained: dict[str, torch.Tensor], out: str,
         if config_dict is not None:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config_dict, f, indent=2, sort_keys=True)
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(out, os.path.join(old, "model"))
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_folder(out, fill)
     return out
 
 

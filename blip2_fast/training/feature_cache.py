@@ -20,12 +20,14 @@ cache with a `vision_model` whose fingerprint differs is an error.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 
 import torch
+
+from ..atomic import write_file
+from ..fingerprint import config_bytes, weights_fingerprint
 
 log = logging.getLogger("blip2_fast")
 FORMAT = "blip2_fast.vision_cache.v1"
@@ -37,25 +39,10 @@ class FeatureCacheError(ValueError):
 
 
 def vision_fingerprint(vision_model: torch.nn.Module) -> str:
+    """The weights fingerprint of the frozen vision model together with its config."""
     cfg = vision_model.config
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "extra"}
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-    for name, t in sorted(vision_model.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long().to(flat.device)
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return weights_fingerprint([config_bytes(fields)], vision_model.state_dict())
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -107,7 +94,7 @@ def build_vision_cache(vision_model, dataset, path: str, batch_size: int, dtype:
         name = f"shard-{len(shards):05d}.safetensors"
         tensors = {"features": features.contiguous(), "indices": indices.contiguous()}
         meta = {"format": FORMAT, "fingerprint": fingerprint, "image_size": json.dumps(image_size)}
-        _write_atomic(os.path.join(path, name), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_file(os.path.join(path, name), lambda tmp: save_file(tensors, tmp, metadata=meta))
         shards.append({"file": name, "records": int(indices.numel())})
 
     try:
@@ -146,7 +133,7 @@ def build_vision_cache(vision_model, dataset, path: str, batch_size: int, dtype:
                     "by the dataset%s", path, repeats, len(skipped), f" (first: {skipped[0]})" if skipped else "")
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "image_size": image_size, "dtype": str(dtype),
                 "records": len(seen), "repeated_indices": repeats, "skipped": skipped, "shards": shards}
-    _write_atomic(os.path.join(path, MANIFEST), lambda tmp: _write_json(tmp, manifest))
+    write_file(os.path.join(path, MANIFEST), lambda tmp: _write_json(tmp, manifest))
     # shards of an older, larger build are no longer listed: remove them
     listed = {s["file"] for s in shards}
     for name in os.listdir(path):

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (FORMAT, check_fingerprint, load_checkpoint, model_fingerprint, rng_state, save_atomic,
+from .checkpoint import (FORMAT, check_training_signature, load_checkpoint, training_signature, rng_state, save_atomic,
                          set_rng_state)
 from .metrics import MetricsLogger, peak_memory_mb
 from .optim import WarmupCosine, build_optimizer
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
     if hasattr(task, "prepare"):
         task.prepare(dataset, run)
     torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank from here on
-    fingerprint = model_fingerprint({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
+    signature = training_signature({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
     counters = {"skipped_steps": 0, "skipped_records": skipped_records, "truncated_texts": 0}
 
     start, state = 0, None
@@ -167,7 +167,7 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
     resume = os.path.join(ckpt_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
     if resume and (cfg.resume != "auto" or os.path.exists(resume)):
         state = load_checkpoint(resume)
-        check_fingerprint(state["fingerprint"], fingerprint, resume)
+        check_training_signature(state["fingerprint"], signature, resume)
         task.load_trainable_state_dict(state["trainable"])  # before wrapping: plain tensors
 
     model = _wrap(task.model, cfg, run)
@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
             sums, window_start, window_steps = {}, time.perf_counter(), 0
         stopping = stop_after_step is not None and done >= stop_after_step
         if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-            _save(cfg, run, task, model, optimizer, scaler, sampler, generators, done, counters, fingerprint)
+            _save(cfg, run, task, model, optimizer, scaler, sampler, generators, done, counters, signature)
         if stopping:
             break
 
@@ -278,7 +278,7 @@ def _trained_state(cfg, run, task, model, optimizer) -> tuple[dict, dict | None]
         optimizer.state_dict() if optimizer is not None else None
 
 
-def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, counters, fingerprint) -> None:
+def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, counters, signature) -> None:
     rng = rng_state(generators)
     rngs = [None] * run.world if run.distributed else [rng]
     if run.distributed:
@@ -286,7 +286,7 @@ def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, c
     trainable, optim_state = _trained_state(cfg, run, task, model, optimizer)
     if not run.main:
         return
-    state = {"format": FORMAT, "fingerprint": fingerprint, "step": step, "config": cfg.to_dict(),
+    state = {"format": FORMAT, "fingerprint": signature, "step": step, "config": cfg.to_dict(),
              "trainable": trainable,
              "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
              "rng": rngs, "counters": dict(counters)}

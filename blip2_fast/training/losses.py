@@ -1,4 +1,4 @@
-"""Stage-1 loss pieces (DESIGN.md §1): ITC with a cross-rank gather, on-device hard-negative
+"""Stage-1 loss pieces: ITC with a cross-rank gather, on-device hard-negative
 sampling for ITM, and the ITG language-modelling loss.
 
 Everything here stays on the device: no `.item()`, no host-side multinomial, no per-sample

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of BLIP-2's recipe (DESIGN.md §1).
+"""Optimiser and learning-rate schedule of BLIP-2's pretraining recipe.
 
 - AdamW, betas (0.9, 0.98), weight decay 0.05 on matrices only: parameters with fewer than two
   dimensions (biases, LayerNorm weights, the temperature) and any name containing "bias",
@@ -6,6 +6,10 @@
 - Linear warm-up from `warmup_lr` to `lr` over `warmup_steps`, then cosine decay to `min_lr`
   at `total_steps` (LAVIS decays per epoch; we decay per optimiser step, which is the same curve
   sampled finer and does not depend on how an epoch is defined for streamed data).
+  `warmup_inclusive=True` counts the step being taken in the ramp instead: step s < warmup_steps
+  trains at warmup_lr + (lr - warmup_lr) * (s + 1) / warmup_steps, so with warmup_lr=0 the first
+  step trains at lr / warmup_steps and the last warm-up step at lr (the multiplier (s + 1) /
+  warmup_steps of a torch LambdaLR, which the miniature's unimodal pretrainings use).
 
 The schedule is a pure function of the step, so resuming needs only the step count.
 """
@@ -50,6 +54,7 @@ class WarmupCosine:
     warmup_steps: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
+    warmup_inclusive: bool = False  # True: the ramp is at (step + 1) / warmup_steps (see above)
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -59,7 +64,7 @@ class WarmupCosine:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+            return self.warmup_lr + (self.lr - self.warmup_lr) * (step + int(self.warmup_inclusive)) / self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))

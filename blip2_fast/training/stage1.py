@@ -1,4 +1,4 @@
-"""BLIP-2 stage 1: representation learning with a frozen image encoder (DESIGN.md §1).
+"""BLIP-2 stage 1: representation learning with a frozen image encoder.
 
 Loss = ITC + ITM + ITG, computed on one batch of B (image, text) pairs:
 - the image tokens' cross-attention K/V (`qformer.image_kv`) are computed once per image and

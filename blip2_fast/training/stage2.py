@@ -1,4 +1,4 @@
-"""BLIP-2 stage 2: generative learning with a frozen image encoder and a frozen LLM (DESIGN.md §1).
+"""BLIP-2 stage 2: generative learning with a frozen image encoder and a frozen LLM.
 
 `Blip2Stage2` wraps a `Blip2ForConditionalGeneration` (`.model`) for the training loop:
 - trained: query_tokens, the Q-Former, language_projection; with `qformer_text_input` (VQA with

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from ..config import Blip2Config
 from ..loading import resolve_folder
+from ..tokenizers import load_qformer_tokenizer, load_tokenizer
 from .stage2 import Blip2Stage2
-from .tasks import load_qformer_tokenizer
 from .text_batches import LMBatchBuilder
 from .train_config import TrainConfig
 
@@ -31,8 +31,6 @@ BUILDER_STAGE = {"2": "pretrain", "caption": "caption", "vqa": "vqa"}
 
 class Stage2Task:
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..cli import load_tokenizer
-
         self.cfg, self.device = cfg, device
         self.folder = resolve_folder(cfg.model)
         config = Blip2Config.from_json_file(os.path.join(self.folder, "config.json"))
@@ -50,7 +48,8 @@ class Stage2Task:
         self.model = Blip2Stage2(net, unfreeze_vision=cfg.unfreeze_vision, qformer_text_input=qtext)
         self.model.model.qformer.gradient_checkpointing = cfg.grad_checkpointing
         self.config = config
-        qtok = load_qformer_tokenizer(cfg, self.folder) if qtext else None
+        qtok = load_qformer_tokenizer(self.folder, cfg.qformer_tokenizer,
+                                      why="the Q-Former reads the questions") if qtext else None
         self.builder = LMBatchBuilder(load_tokenizer(self.folder), config, stage=BUILDER_STAGE[cfg.stage],
                                       prompt=cfg.prompt, max_length=cfg.max_text_length, qformer_tokenizer=qtok)
         # the prefix-LM split point is random: its generator is saved with the checkpoint

@@ -18,6 +18,8 @@ import torch
 
 from ..config import Blip2Config
 from ..loading import CheckpointError, resolve_folder
+from ..tokenizers import load_qformer_tokenizer
+from ..tokenizers import tokenize_texts
 from .export import load_matching
 from .losses import world
 from .stage1 import Blip2Stage1
@@ -29,22 +31,12 @@ log = logging.getLogger("blip2_fast.train")
 STAGE1_OPTIONAL = ("qformer_lm_head.", "temp")
 
 
-def load_qformer_tokenizer(cfg: TrainConfig, folder: str):
-    from transformers import AutoTokenizer
-
-    path = cfg.qformer_tokenizer or os.path.join(folder, "qformer_tokenizer")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no Q-Former tokenizer: {path} is not a folder (set qformer_tokenizer to a "
-                              f"BERT-style tokenizer folder)")
-    return AutoTokenizer.from_pretrained(path)
-
-
 class Stage1Task:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg
         self.folder = resolve_folder(cfg.model)
         config = Blip2Config.from_json_file(os.path.join(self.folder, "config.json"))
-        self.tokenizer = load_qformer_tokenizer(cfg, self.folder)
+        self.tokenizer = load_qformer_tokenizer(self.folder, cfg.qformer_tokenizer, why="stage 1 tokenises its texts with it")
         dec = config.qformer.extra.get("dec_token_id")
         if dec is None:
             dec = self.tokenizer.convert_tokens_to_ids("[DEC]")
@@ -84,7 +76,6 @@ class Stage1Task:
 
     def inputs(self, batch: dict, generator: torch.Generator | None) -> tuple[dict, int]:
         """Model kwargs and the number of texts truncated to max_text_length."""
-        from .data import tokenize_texts
 
         ids, mask, truncated = tokenize_texts(self.tokenizer, batch["texts"], self.cfg.max_text_length)
         if world()[1] > 1 and ids.shape[1] < self.cfg.max_text_length:
@@ -107,4 +98,4 @@ def build_task(cfg: TrainConfig, device: torch.device):
     return Stage2Task(cfg, device)
 
 
-__all__ = ["Stage1Task", "build_task", "load_qformer_tokenizer"]
+__all__ = ["Stage1Task", "build_task"]

@@ -26,13 +26,14 @@ T5 tokenizer truncates the content and then appends EOS). A row whose prompt lea
 token is an error. `n_truncated` counts truncated sequences (LLM input, decoder target and
 Q-Former question each count). The LLM side is tokenised here (`_encode`: ids without special
 tokens, so BOS/EOS and the prompt boundary are placed exactly); the Q-Former question goes
-through `data.tokenize_texts` ([CLS] ... [SEP], as the stage-1 texts).
+through `blip2_fast.tokenizers.tokenize_texts` ([CLS] ... [SEP], as the stage-1 texts).
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import Blip2Config
+from ..tokenizers import qformer_question_inputs
 
 STAGES = ("pretrain", "caption", "vqa")
 DEFAULT_PROMPTS = {("opt", "caption"): "a photo of", ("opt", "vqa"): "Question: {} Answer:",
@@ -45,22 +46,6 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def qformer_question_inputs(tokenizer, questions: list[str | None], max_length: int) -> tuple[dict, int]:
-    """The Q-Former side of VQA rows: ({qformer_input_ids, qformer_attention_mask}, n_truncated).
-
-    [CLS] question [SEP], right padding, truncated by the tokenizer (its [SEP] survives). A row
-    without a question (None or blank: a caption row of a vqa+caption finetune, or a caption
-    asked of a question-reading model) gets a mask of zeros: its queries attend to no text and
-    compute exactly what a call without qformer_input_ids computes, which is how captions are
-    generated (and all transformers' Blip2ForConditionalGeneration can do)."""
-    from .data import tokenize_texts
-
-    blank = [q is None or not q.strip() for q in questions]
-    ids, mask, n = tokenize_texts(tokenizer, ["" if b else q for q, b in zip(questions, blank)], max_length)
-    mask[torch.tensor(blank, dtype=torch.bool)] = 0
-    return {"qformer_input_ids": ids, "qformer_attention_mask": mask}, n
 
 
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -238,4 +223,4 @@ class LMBatchBuilder:
         return out
 
 
-__all__ = ["LMBatchBuilder", "qformer_question_inputs", "STAGES", "DEFAULT_PROMPTS", "IGNORE"]
+__all__ = ["LMBatchBuilder", "STAGES", "DEFAULT_PROMPTS", "IGNORE"]

@@ -2,7 +2,7 @@
 
 Read from YAML (`TrainConfig.from_yaml`) and/or command-line flags (flags win); an unknown field
 or a value of the wrong type is a `ConfigError` naming it, so a typo never silently falls back to
-a default. Defaults per stage follow the paper's recipe (DESIGN.md §1); `for_stage` fills them.
+a default. Defaults per stage follow the paper's recipe; `for_stage` fills them.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
 // this header declares only plain data and functions: no inline code, no templates, nothing a
 // generic translation unit could end up sharing with an AVX-512 one (an inline function
 // emitted by both would be merged by the linker and could run AVX-512 code on a CPU without it).
+// The drivers the SIMD files share are templates in int8_gemm_driver.h, which keeps them in an
+// anonymous namespace for the same reason: each ISA file compiles its own private copy.
 #pragma once
 
 #include <stdint.h>

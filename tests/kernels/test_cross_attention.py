@@ -1,5 +1,5 @@
 """kernels/cross_attention.py: every backend against a float64 reference, the refusal reasons,
-and the per-shape autotune (CUDA only; its bookkeeping is checked on the CPU with fake timings).
+and the per-shape autotune (CUDA only; its bookkeeping is checked on the CPU with a fake clock).
 
 Two-tier tolerance as in test_qformer_attention.py: error vs the fp64 reference at most twice
 plain PyTorch's error in the same precision, plus a floor of a few ulps of the dtype.
@@ -106,28 +106,47 @@ def test_bad_shapes_raise():
 def test_autotune_never_runs_on_cpu(monkeypatch):
     monkeypatch.delenv("BLIP2_FAST_BACKEND", raising=False)
     monkeypatch.setenv("BLIP2_FAST_AUTOTUNE", "1")
+    dispatch.clear_decisions("cross_attention")
     q, k, v, _ = make_inputs(1, 2, 5, 17, 32, torch.float32, "cpu")
-    before = ca.cross_attention_autotune_cache()
     assert not ca._autotune_enabled(q)
+    timed = []
+    monkeypatch.setattr(dispatch, "time_backends", lambda *args: timed.append(args))
     ca.cross_attention(q, k, v)
-    assert ca.cross_attention_autotune_cache() == before
+    assert timed == [] and dispatch.explain("cross_attention")["timings"] is None
 
 
-def test_pick_fastest_remembers_the_winner_and_skips_failures(monkeypatch):
-    monkeypatch.setattr(ca, "_autotune_winners", {})
-    times = {"xformers": 2.0, "triton": 1.5, "torch": 3.0}
+def test_autotune_keeps_the_fastest_once_per_key_and_skips_failures(monkeypatch):
+    """The registry's timing on made-up backends and a fake clock (each timed run returns its
+    time): the fastest wins, a failing backend is recorded, and the key is never timed again."""
+    monkeypatch.delenv("BLIP2_FAST_BACKEND", raising=False)
+    dispatch.clear_decisions("cross_attention")
+    fake_s = {"xformers": 0.2, "triton": 0.15, "torch": 0.3}  # above the timing budget: one run each
     calls = []
 
-    def fake_time(name):
-        calls.append(name)
-        if name == "flash_attn":
-            raise RuntimeError("no kernel image for this device")
-        return times[name]
+    def fake_backend(name):
+        def run(q, k, v, scale):
+            calls.append(name)
+            if name == "flash_attn":
+                raise RuntimeError("no kernel image for this device")
+            return fake_s[name]
+        return run
 
-    key = ((8, 12, 32, 64), (8, 12, 257, 64), torch.float16, 0, True)
-    assert ca._pick_fastest(key, ["flash_attn", "xformers", "triton", "torch"], fake_time) == "triton"
-    assert calls == ["flash_attn", "xformers", "triton", "torch"]
-    assert ca.cross_attention_autotune_cache() == {key: "triton"}
+    for name in ca._RUN:
+        monkeypatch.setitem(ca._RUN, name, fake_backend(name))
+    monkeypatch.setattr(ca, "cross_attention_backends", lambda q, k, v: {name: [] for name in ca._RUN})
+    monkeypatch.setattr(ca, "_autotune_enabled", lambda q: True)
+    monkeypatch.setattr(dispatch, "_clock", lambda run, cuda: (run(),) * 2)
+    q, k, v, _ = make_inputs(1, 2, 5, 17, 32, torch.float32, "cpu")
+    ca.cross_attention(q, k, v)
+    assert calls == ["flash_attn", "xformers", "triton", "torch", "triton"]  # each timed once, then the call
+    decision = dispatch.explain("cross_attention", ca.cross_attention_key(q, k, v))
+    assert decision["chosen"] == "triton"
+    assert decision["timings"]["flash_attn"] == "failed: no kernel image for this device"
+    assert decision["refused"]["flash_attn"] == ["failed: no kernel image for this device"]
+    assert any("measured slower" in r for r in decision["refused"]["torch"])
+    calls.clear()
+    ca.cross_attention(q, k, v)
+    assert calls == ["triton"]
 
 
 def test_autotune_can_be_switched_off(monkeypatch):
@@ -161,11 +180,11 @@ def test_every_able_backend_on_cuda(shape, dtype, monkeypatch):
 def test_autotune_on_cuda_caches_a_winner(monkeypatch):
     monkeypatch.delenv("BLIP2_FAST_BACKEND", raising=False)
     monkeypatch.setenv("BLIP2_FAST_AUTOTUNE", "1")
-    monkeypatch.setattr(ca, "_autotune_winners", {})
+    dispatch.clear_decisions("cross_attention")
     q, k, v, dout = make_inputs(4, 12, 32, 257, 64, torch.bfloat16, "cuda")
     check(q, k, v, dout, torch.bfloat16)
-    cache = ca.cross_attention_autotune_cache()
-    assert len(cache) == 1
-    (key, winner), = cache.items()
-    assert key[-1] is True and winner in ca.cross_attention_backends(q, k, v)
-    assert dispatch.explain("cross_attention")["chosen"] == winner
+    decision, = dispatch.decisions("cross_attention")
+    assert decision["key"][-2] is True and decision["key"][-1] == "on"  # needs grad, timed
+    assert decision["timings"] and decision["chosen"] == min(
+        (n for n, t in decision["timings"].items() if not isinstance(t, str)), key=decision["timings"].get)
+    assert dispatch.explain("cross_attention") == decision

@@ -1,5 +1,5 @@
 """int8 weight-only linear (kernels/int8_matmul.py): every backend against the float64 reference
-of the dequantised product, two-tier tolerance (DESIGN.md §4): the error of a backend against
+of the dequantised product, two-tier tolerance: the error of a backend against
 float64 must be at most 2x the error of plain PyTorch computing the same product in the same
 dtype, plus a few output ulps. Triton kernels run under TRITON_INTERPRET=1 on the CPU (small
 shapes) and compiled where CUDA is present. The native CPU library has its own file
@@ -32,9 +32,9 @@ SPLITK_SHAPES = [(1, 37, 123, None), (3, 70, 257, None), (16, 33, 96, 32), (5, 4
 @pytest.fixture(autouse=True)
 def _fresh_decisions(monkeypatch):
     monkeypatch.delenv("BLIP2_FAST_BACKEND", raising=False)
-    im.clear_decisions()
+    dispatch.clear_decisions("int8_linear")
     yield
-    im.clear_decisions()
+    dispatch.clear_decisions("int8_linear")
 
 
 def make(m, n, k, group, dtype, device=DEVICE, seed=0, bias=True):
@@ -208,15 +208,16 @@ def test_cpu_dispatch_matches_reference(m, n, k, group, dtype):
 def test_cpu_measures_once_per_shape_and_explains(monkeypatch):
     x, q, s, b = make(2, 48, 64, None, torch.bfloat16)
     im.int8_linear(x, q, s, b)
-    choices = im.measured_choices()
+    timed = [d for d in dispatch.decisions("int8_linear") if d["timings"]]
     usable = {"torch:int8pack", "torch:dequant"} | ({"native:gemv"} if native.load() is not None else set())
-    assert len(choices) == 1
-    (winner, times), = choices.values()
-    assert set(times) == usable and winner == min(times, key=times.get)
-    assert dispatch.explain("int8_linear")["chosen"] == winner
+    assert len(timed) == 1
+    decision, = timed
+    times = decision["timings"]
+    assert set(times) == usable and decision["chosen"] == min(times, key=times.get)
+    assert dispatch.explain("int8_linear") == decision
     calls = []
-    real = im._time_candidates
-    monkeypatch.setattr(im, "_time_candidates", lambda *a: calls.append(a) or real(*a))
+    real = dispatch.time_backends
+    monkeypatch.setattr(dispatch, "time_backends", lambda *a: calls.append(a) or real(*a))
     im.int8_linear(x, q, s, b)
     im.int8_linear(torch.randn(1, 64).bfloat16(), q, s, b)  # another M bucket: measured anew
     assert len(calls) == 1
@@ -229,9 +230,10 @@ def test_a_failing_candidate_is_dropped_with_its_error(monkeypatch):
     monkeypatch.setitem(im._RUNNERS, "torch:int8pack", broken)
     x, q, s, b = make(2, 16, 32, None, torch.bfloat16)
     assert_two_tier(im.int8_linear(x, q, s, b), x, q, s, b, "with a broken candidate")
-    assert dispatch.explain("int8_linear")["chosen"] != "torch:int8pack"
-    (winner, times), = im.measured_choices().values()
-    assert times["torch:int8pack"] == "failed: simulated failure" and winner != "torch:int8pack"
+    decision = dispatch.explain("int8_linear")
+    assert decision["chosen"] != "torch:int8pack"
+    assert decision["timings"]["torch:int8pack"] == "failed: simulated failure"
+    assert decision["refused"]["torch:int8pack"] == ["failed: simulated failure"]
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")

@@ -70,7 +70,7 @@ def check_against_reference(B, H, num_query, T, D, mode, pad_kind, dtype, device
 
 
 # ---------------------------------------------------------------------------------------------
-# the mask itself, against the table in DESIGN.md written out as loops
+# the mask itself, against the rules of the module docstring written out as loops
 # ---------------------------------------------------------------------------------------------
 
 def table_mask(mode, num_query, L, pad):

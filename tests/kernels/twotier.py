@@ -1,6 +1,6 @@
-"""Helpers shared by the attention kernel tests: forward + backward of leaf copies, and
-DESIGN.md's two-tier tolerance (error against an fp64 reference at most twice plain PyTorch's
-error in the same precision, plus a floor of a few ulps of the dtype at the reference's scale)."""
+"""Helpers shared by the attention kernel tests: forward + backward of leaf copies, and the
+two-tier tolerance (error against an fp64 reference at most twice plain PyTorch's error in the
+same precision, plus a floor of a few ulps of the dtype at the reference's scale)."""
 import torch
 
 CUDA = torch.cuda.is_available()

@@ -9,7 +9,7 @@ LAVIS names them Qformer.cls.predictions.transform.dense.*, ...transform.LayerNo
 without these keys (e.g. Salesforce/blip2-itm-vit-g) fails to load with `CheckpointError`
 naming them.
 
-Decoding (the multimodal causal mode of DESIGN.md §1). Queries attend only to queries, so
+Decoding (the Q-Former's multimodal causal mask mode). Queries attend only to queries, so
 their hidden states, and hence their self-attention K/V in every layer, do not depend on the
 text: they are computed once per image (prefill) and written at the head of a per-layer KV
 cache. Each step then runs only the new token: its K/V are appended and it attends to all
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from blip2_fast.kernels.cross_attention import cross_attention
-
-from .config import Blip2Config
-from .models.cache import KVCache
-from .models.qformer import Attention, QFormerLMHead
-from .models.retrieval import Blip2ForImageTextRetrieval
+from ..config import Blip2Config
+from ..generation import GenerationConfig, generate_tokens
+from ..kernels.cross_attention import cross_attention
+from .cache import KVCache
+from .qformer import Attention, QFormerLMHead
+from .retrieval_heads import Blip2ForImageTextRetrieval
 
 BERT_DEC_VOCAB, BERT_DEC, BERT_SEP = 30523, 30522, 102
 
@@ -65,7 +65,6 @@ class Blip2QFormerForCaptioning(Blip2ForImageTextRetrieval):
         """Captions as token ids (B * num_return_sequences, P + new): the prompt (default
         `[DEC]`; a given `input_ids` (B, P) must start with it, unpadded) then the new tokens.
         `generate_kwargs`: see `blip2_fast.generation.GenerationConfig` (greedy, beams, sampling)."""
-        from .generation import GenerationConfig, generate_tokens
 
         bos, eos, pad = self.special_tokens(bos_token_id, generate_kwargs.pop("eos_token_id", None),
                                             generate_kwargs.pop("pad_token_id", None))

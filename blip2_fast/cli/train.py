@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import sys
 
-from .train_config import STAGES, TrainConfig
+from ..training.loop import train
+from ..training.train_config import STAGES, TrainConfig
 
 _HELP = {
     "stage": "1 (ITC+ITM+ITG), 2 (LM / prefix-LM), caption or vqa finetuning",
@@ -48,8 +49,6 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 
 def train_main(args: dict) -> int:
-    from .loop import train
-
     path = args.pop("config", None)
     cfg = TrainConfig.from_yaml(path, args) if path else TrainConfig.from_dict(args, "flags")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
