@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from setuptools import Distribution, setup
+from setuptools import Distribution, find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -70,7 +70,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["blip2_fast", "blip2_fast.models", "blip2_fast.training", "blip2_fast.miniature", "blip2_fast.kernels"],
+    # every package under blip2_fast/ (blip2_fast.kernels among them; its op files are copied in)
+    packages=find_packages(include=["blip2_fast", "blip2_fast.*"]),
     # the shipped miniature BLIP-2: two model folders of config, weights and tokenizer files
     package_data={"blip2_fast": ["default_model/*/*", "default_model/*/*/*"]},
     install_requires=[

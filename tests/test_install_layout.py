@@ -99,6 +99,10 @@ def test_wheel_installs_the_ops_under_blip2_fast_only(tmp_path):
     ops = sorted(f for f in os.listdir(OUR_OPS) if f.endswith(".py"))
     assert {f"blip2_fast/kernels/{f}" for f in ops + ["__init__.py"]} <= set(names)
     assert any(name.startswith("blip2_fast/kernels/csrc/") for name in names)
+    source = os.path.join(ROOT, "blip2_fast")
+    modules = {os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+               for d, _, files in os.walk(source) if "__pycache__" not in d for f in files if f.endswith(".py")}
+    assert modules <= set(names), sorted(modules - set(names))  # every module of every sub-package
 
     check = ("import blip2_fast, blip2_fast.kernels.dispatch as d, blip2_fast.kernels as k; "
              "print(blip2_fast.__file__); print(d.__file__); print(len(k.__path__))")
