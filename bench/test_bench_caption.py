@@ -14,7 +14,9 @@ Recorded (benchmark.extra_info and one row in bench/results/<device>.jsonl): med
 per call, images/s, tokens/s (output tokens: batch x new tokens, beams not counted), peak
 memory, and ratio = ours images/s / transformers images/s (> 1: ours is faster).
 
-CPU: preset blip2-small, fp32, batch 8, 20 new tokens, greedy and beam-5.
+CPU: preset blip2-small, fp32, batch 8, 20 new tokens, greedy and beam-5, each with our three
+decode paths (dynamic cache, static shapes, static step compiled by torch.compile: its first,
+untimed call holds the compile time); bf16 greedy dynamic and compiled.
 CUDA: blip2-opt-2.7b (the real architecture, random weights), bf16, batch 1/8/32, 30 tokens.
 """
 from __future__ import annotations
@@ -40,13 +42,21 @@ class Case:
     beams: int
     new_tokens: int
     std: float  # random weights' scale (randomize_): large enough that greedy ties are rare
+    decode: str = "dynamic"  # ours: "dynamic" cache, "static" shapes, or "compiled" static step
 
     @property
     def id(self) -> str:
-        return f"{self.preset}-{self.device}-{self.dtype}-b{self.batch}-beams{self.beams}-t{self.new_tokens}"
+        return f"{self.preset}-{self.device}-{self.dtype}-b{self.batch}-beams{self.beams}-t{self.new_tokens}-{self.decode}"
+
+    @property
+    def decode_kwargs(self) -> dict:
+        return {"dynamic": {}, "static": dict(cache_implementation="static"),
+                "compiled": dict(cache_implementation="static", compile="default")}[self.decode]
 
 
-CPU_CASES = [Case("blip2-small", "cpu", "float32", 8, beams, 20, 0.2) for beams in (1, 5)]
+CPU_CASES = [Case("blip2-small", "cpu", "float32", 8, beams, 20, 0.2, decode)
+             for beams in (1, 5) for decode in ("dynamic", "static", "compiled")] + \
+            [Case("blip2-small", "cpu", "bfloat16", 8, 1, 20, 0.2, decode) for decode in ("dynamic", "compiled")]
 GPU_CASES = [Case("blip2-opt-2.7b", "cuda", "bfloat16", batch, beams, 30, 0.02)
              for batch in (1, 8, 32) for beams in (1, 5)]
 NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real BLIP-2 sizes in bf16)")
@@ -137,7 +147,7 @@ def test_caption(benchmark, models, bench_options, case: Case):
                do_sample=False, length_penalty=1.0)
 
     def run_ours():
-        return ours.generate(**x, **gen)
+        return ours.generate(**x, **gen, **case.decode_kwargs)
 
     def run_ref():
         with torch.no_grad():

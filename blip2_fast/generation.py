@@ -39,8 +39,9 @@ The first num_return_sequences hypotheses of each pool are returned, cut to the 
 HF quirk kept on purpose: beam outputs are padded with `pad or eos[0]` (so eos[0] when
 pad_token_id == 0, e.g. T5), and -1 when there is no eos.
 
-Hot path: one host synchronisation per step (the stop flag); everything else, including
-sampling and beam bookkeeping, stays on the device and is vectorised over batch and beams.
+Hot path: one host synchronisation per step (the stop flag), or per `stop_check_every` steps;
+everything else, including sampling and beam bookkeeping, stays on the device and is
+vectorised over batch and beams.
 """
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     repetition_penalty: float = 1.0
+    # How the model decodes (not how tokens are chosen): "dynamic" grows the KV cache view step
+    # by step; "static" keeps every step's shapes fixed (models/static_decode.py), optionally
+    # compiled with torch.compile mode `compile`. stop_check_every: read the "all rows stopped"
+    # flag on the host every that many steps (1: every step, as transformers); extra steps after
+    # everything stopped change no output, they only cost time.
+    cache_implementation: str = "dynamic"
+    compile: str | None = None
+    stop_check_every: int = 1
 
     def __post_init__(self):
         def bad(name, why):
@@ -129,6 +138,14 @@ class GenerationConfig:
             bad("eos_token_id", "must be a non-negative int or a non-empty list of them")
         if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
             bad("pad_token_id", "must be a non-negative int")
+        if self.cache_implementation not in ("dynamic", "static"):
+            bad("cache_implementation", "must be 'dynamic' or 'static'")
+        if self.compile not in (None, "default", "reduce-overhead", "max-autotune"):
+            bad("compile", "must be None, 'default', 'reduce-overhead' or 'max-autotune'")
+        if self.compile is not None and self.cache_implementation != "static":
+            bad("compile", "needs cache_implementation='static' (a compiled step needs fixed shapes)")
+        if not is_int(self.stop_check_every) or self.stop_check_every < 1:
+            bad("stop_check_every", "must be an integer >= 1")
 
     @property
     def eos_ids(self) -> list[int]:
@@ -239,6 +256,9 @@ def _greedy_or_sample(state, logits, cfg, generator, prompt_tokens):
     seen = _initial_seen(prompt_tokens, rows, vocab, n, device) if cfg.repetition_penalty != 1.0 else None
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     out = torch.empty(rows, cfg.max_new_tokens, dtype=torch.long, device=device)
+    # the step at which every row had stopped (max_new_tokens while some row runs): what the
+    # output is cut to, so checking the flag only every few steps changes no output
+    stopped_at = torch.full((), cfg.max_new_tokens, dtype=torch.long, device=device)
     for t in range(cfg.max_new_tokens):
         if t > 0:
             logits = state.step(tokens)
@@ -252,11 +272,15 @@ def _greedy_or_sample(state, logits, cfg, generator, prompt_tokens):
             unfinished &= ~torch.isin(tokens, eos)
         out[:, t] = tokens
         _mark_seen(seen, tokens)
+        if eos is not None:
+            stopped_at = torch.where(unfinished.any() | (stopped_at < t + 1), stopped_at, t + 1)
         if t + 1 == cfg.max_new_tokens:
             break
-        if eos is not None and not bool(unfinished.any()):  # the one host sync per step
-            break
-    return out[:, :t + 1].contiguous()
+        if eos is not None and (t + 1) % cfg.stop_check_every == 0 and not bool(unfinished.any()):
+            break  # the one host sync, every step by default
+    if cfg.stop_check_every == 1:
+        return out[:, :t + 1].contiguous()
+    return out[:, :int(stopped_at)].contiguous()  # once, after the loop
 
 
 def _beam_search(state, logits, cfg, generator, prompt_tokens):
@@ -284,6 +308,8 @@ def _beam_search(state, logits, cfg, generator, prompt_tokens):
     fin_len = torch.zeros(batch, nb, dtype=torch.long, device=device)
     is_fin = torch.zeros(batch, nb, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    # with a deferred stop check, whether the search still runs lives on the device
+    active = torch.ones((), dtype=torch.bool, device=device) if cfg.stop_check_every > 1 else None
 
     for t in range(steps):
         if t > 0:
@@ -319,11 +345,16 @@ def _beam_search(state, logits, cfg, generator, prompt_tokens):
         score = score + (~improvable).to(torch.float32) * _NEG
         score = score + (~new_fin) * _NEG
         keep = torch.topk(torch.cat((fin_score, score), 1), nb).indices
-        fin_tok = torch.cat((fin_tok, cand_tok), 1).gather(1, keep[:, :, None].expand(-1, -1, steps))
-        fin_score = torch.cat((fin_score, score), 1).gather(1, keep)
         cand_len = torch.full_like(tok, t + 1)
-        fin_len = torch.cat((fin_len, cand_len), 1).gather(1, keep)
-        is_fin = torch.cat((is_fin, new_fin), 1).gather(1, keep)
+        pools = (torch.cat((fin_tok, cand_tok), 1).gather(1, keep[:, :, None].expand(-1, -1, steps)),
+                 torch.cat((fin_score, score), 1).gather(1, keep),
+                 torch.cat((fin_len, cand_len), 1).gather(1, keep),
+                 torch.cat((is_fin, new_fin), 1).gather(1, keep))
+        if active is None:
+            fin_tok, fin_score, fin_len, is_fin = pools
+        else:  # steps run after the search ended (deferred stop check) leave the pools as they were
+            fin_tok, fin_score, fin_len, is_fin = (torch.where(active, new, old) for new, old in
+                                                   zip(pools, (fin_tok, fin_score, fin_len, is_fin)))
 
         # Can the best running beam still beat the worst finished hypothesis?
         best_len = steps if (early == "never" and lp > 0.0) else t + 1
@@ -333,8 +364,10 @@ def _beam_search(state, logits, cfg, generator, prompt_tokens):
         # HF's third stop condition, "every candidate hit a stopping criterion", can only
         # hold at max length (N beams x #eos eos-candidates < K): the loop bound covers it.
         go_on = improvable.any() & ~(is_fin.all() & (early is True))
-        if t + 1 == steps or not bool(go_on):  # the one host sync per step
-            break
+        if active is not None:
+            active = active & go_on
+        if t + 1 == steps or ((t + 1) % cfg.stop_check_every == 0 and not bool(go_on)):
+            break  # the one host sync, every step by default
         state.reorder(parent)
         if seen is not None:
             seen = seen.index_select(0, parent)

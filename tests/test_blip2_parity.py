@@ -83,14 +83,19 @@ def test_prompt_without_placeholders_prepends_queries(pair):
     dict(num_beams=3, min_new_tokens=4),
     dict(num_beams=2, repetition_penalty=1.5),
 ], ids=["greedy", "beam5-lp-1", "beam5-lp2-early", "beam3-min4", "beam2-repetition"])
-def test_generate_matches_transformers(pair, kw):
+@pytest.mark.parametrize("decode", [{}, dict(cache_implementation="static"),
+                                    dict(cache_implementation="static", stop_check_every=4)],
+                         ids=["dynamic", "static", "static-check4"])
+def test_generate_matches_transformers(pair, kw, decode):
+    """Both decode paths: the dynamic cache, and the static-shape one (whole-capacity attention
+    with the unfilled slots masked, stop flag read every step or every 4 steps)."""
     hf, ours, cfg = pair
     pixels = random_pixels(3, seed=4)
     ids, mask = _prompt_batch(cfg, [5, 2, 1], seed=5)
     with torch.no_grad():
         ref = hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=8,
                           do_sample=False, **kw)
-        out = ours.generate(pixels, ids, mask, max_new_tokens=8, **kw)
+        out = ours.generate(pixels, ids, mask, max_new_tokens=8, **kw, **decode)
     assert out.tolist() == ref.tolist()
 
 

@@ -42,14 +42,18 @@ def test_logits_and_loss(pair):
 @pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=4, length_penalty=-1.0),
                                 dict(num_beams=3, min_new_tokens=3, num_return_sequences=2)],
                          ids=["greedy", "beam4-lp-1", "beam3-min3-ret2"])
-def test_generate_matches_transformers(pair, kw):
+@pytest.mark.parametrize("decode", [{}, dict(cache_implementation="static"),
+                                    dict(cache_implementation="static", stop_check_every=3)],
+                         ids=["dynamic", "static", "static-check3"])
+def test_generate_matches_transformers(pair, kw, decode):
+    """Both decode paths (dynamic cache; static shapes with the stop flag read every 1 or 3 steps)."""
     hf, ours, cfg = pair
     pixels = random_pixels(3, seed=2)
     ids, mask = _inputs(cfg, [4, 2, 6], seed=3)
     with torch.no_grad():
         ref = hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=7,
                           do_sample=False, **kw)
-        out = ours.generate(pixels, ids, mask, max_new_tokens=7, **kw)
+        out = ours.generate(pixels, ids, mask, max_new_tokens=7, **kw, **decode)
     assert out.tolist() == ref.tolist()
 
 

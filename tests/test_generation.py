@@ -314,3 +314,30 @@ def test_from_kwargs_none_means_unset():
     cfg = GenerationConfig.from_kwargs(max_new_tokens=None, top_k=None, eos_token_id=None, num_beams=3)
     assert (cfg.max_new_tokens, cfg.top_k, cfg.num_beams, cfg.eos_token_id) == (20, 50, 3, None)
     assert GenerationConfig.from_kwargs(max_length=30, max_new_tokens=5).max_new_tokens == 5  # as HF
+
+
+@pytest.mark.parametrize("every", [2, 3, 8])
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=30),
+    dict(max_new_tokens=14, num_beams=3, length_penalty=1.0, early_stopping=True, num_return_sequences=3),
+    dict(max_new_tokens=14, num_beams=2, length_penalty=2.0, early_stopping=False),
+    dict(max_new_tokens=14, num_beams=3, length_penalty=-1.0, early_stopping="never", num_return_sequences=2),
+], ids=["greedy", "beam3-early", "beam2-heuristic", "beam3-never"])
+def test_checking_the_stop_flag_every_few_steps_changes_no_token(tiny, every, kw):
+    """Steps run after every row (or every beam search) stopped must not change the output:
+    the result of checking every `every` steps is transformers' result (checked every step)."""
+    model, ids, mask, eos = tiny
+    kw = dict(kw, eos_token_id=[eos, 2, 18], pad_token_id=PAD)  # frequent eos: searches end early
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)[:, ids.shape[1]:]
+    assert ref.shape[1] < kw["max_new_tokens"], "fixture should stop before max_new_tokens"
+    ours = run_ours(model, ids, mask, GenerationConfig(**kw, stop_check_every=every))
+    assert_same(ours, ref)
+
+
+def test_decode_options_are_validated():
+    with pytest.raises(GenerationConfigError, match="compile"):
+        GenerationConfig(compile="default")  # a compiled step needs the static cache
+    with pytest.raises(GenerationConfigError, match="cache_implementation"):
+        GenerationConfig(cache_implementation="paged")
+    with pytest.raises(GenerationConfigError, match="stop_check_every"):
+        GenerationConfig(stop_check_every=0)

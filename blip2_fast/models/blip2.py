@@ -29,6 +29,8 @@ from torch import nn
 from ..config import Blip2Config
 from .opt import OPTLM, OPTDecoderState
 from .qformer import QFormerModel, QFormerTextEmbeddings
+from .static_decode import StaticOPTDecoderState, StaticT5DecoderState
+from .t5_generation import T5DecoderState
 from .vision import VisionModel
 
 
@@ -233,8 +235,10 @@ class Blip2ForConditionalGeneration(nn.Module):
             # like transformers: lengths and penalties count decoder tokens, from the start token
             start = torch.full((B, 1), text_cfg.decoder_start_token_id, dtype=torch.long, device=prompt.device)
             gen = GenerationConfig.from_kwargs(prompt_length=1, **generate_kwargs)
-            from .t5_generation import T5DecoderState
-            state = T5DecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
+            if gen.cache_implementation == "static":
+                state = StaticT5DecoderState(self.language_model, embeds, mask, gen.max_new_tokens, compile=gen.compile)
+            else:
+                state = T5DecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
             new = generate_tokens(state, state.first_logits, gen, generator=generator, prompt_tokens=start)
             return torch.cat([start.repeat_interleave(new.shape[0] // B, 0), new], 1)
         input_ids = input_ids.to(prompt.device)
@@ -243,7 +247,10 @@ class Blip2ForConditionalGeneration(nn.Module):
             raise ValueError(f"prompt of {embeds.shape[1]} positions (including {Q} image queries) plus "
                              f"{gen.max_new_tokens} new tokens exceeds the LLM's context of "
                              f"{text_cfg.max_position_embeddings} positions")
-        state = OPTDecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
+        if gen.cache_implementation == "static":
+            state = StaticOPTDecoderState(self.language_model, embeds, mask, gen.max_new_tokens, compile=gen.compile)
+        else:
+            state = OPTDecoderState(self.language_model, embeds, mask, gen.max_new_tokens)
         new = generate_tokens(state, state.first_logits, gen, generator=generator, prompt_tokens=input_ids)
         return torch.cat([input_ids.repeat_interleave(new.shape[0] // B, 0), new], 1)
 

@@ -8,6 +8,11 @@ Usage inside a decoder layer `i` for a step of L new tokens:
     k_all, v_all = cache.update(i, k_new, v_new)   # (B, H, length + L, D) views
 and once all layers ran, the model calls `cache.advance(L)`.
 
+Static-shape decoding (`models/static_decode.py`) writes one step at a device position instead:
+    k_all, v_all = cache.write(i, k_new, v_new, input_pos)   # the whole (B, H, max_len, D) buffers
+with `input_pos` a (1,) long tensor, so every step has the same shapes and no host integer
+changes between steps (what lets a step be compiled and captured as a CUDA graph).
+
 `reorder(index)` gathers the batch dimension (beam search, and expanding B to B*beams);
 `cross` holds per-layer cross-attention K/V for encoder-decoder models, computed once from the
 encoder output: beams of one sample share the encoder output, so `reorder` leaves it alone
@@ -41,12 +46,26 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, 1, D) at the device position `input_pos` (1,); return the whole buffers."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
     def advance(self, n: int) -> None:
         self.length += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Gather the batch dimension: new row i is old row index[i] (index may change B)."""
+    def reorder(self, index: torch.Tensor, in_place: bool = False) -> None:
+        """Gather the batch dimension: new row i is old row index[i] (index may change B).
+
+        in_place (same B only): copy into the existing buffers, which keep their addresses (what a
+        captured CUDA graph reads); it costs one more copy than swapping in the gathered tensors."""
         resize = index.shape[0] != self.batch_size
+        if in_place and not resize:
+            for t in self.k + self.v:
+                t.copy_(t.index_select(0, index))
+            return
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
         if resize:

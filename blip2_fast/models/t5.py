@@ -74,7 +74,7 @@ def _clamp_fp16(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _key_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def key_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, S) 1 = attend, 0 = padding -> additive (B, 1, 1, S)."""
     add = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return add.masked_fill_(~mask.bool(), _MASKED)[:, None, None, :]
@@ -179,11 +179,13 @@ class T5Block(nn.Module):
         self.is_decoder = is_decoder
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h, self_mask, i: int, cache: KVCache | None, enc, cross_mask):
+    def forward(self, h, self_mask, i: int, cache: KVCache | None, enc, cross_mask, input_pos=None):
         sa = self.layer[0]
         att, x = sa.SelfAttention, sa.layer_norm(h)
         k, v = att.split(x, att.k), att.split(x, att.v)  # (B, H, L, D)
-        if cache is not None:
+        if cache is not None and input_pos is not None:
+            k, v = cache.write(i, k, v, input_pos)  # (B, H, capacity, D), static shapes
+        elif cache is not None:
             k, v = cache.update(i, k, v)  # (B, H, length + L, D)
         h = _clamp_fp16(h + self.drop(att(x, k, v, self_mask)))
         if self.is_decoder:
@@ -212,10 +214,10 @@ class T5Stack(nn.Module):
         att = self.block[0].layer[0].SelfAttention  # only block 0 owns the table; all layers use it
         return att.position_bias(q_start, q_len, k_len, self.bidirectional, device)  # (1, H, Lq, Lk)
 
-    def forward(self, h, self_mask, cache=None, enc=None, cross_mask=None):
+    def forward(self, h, self_mask, cache=None, enc=None, cross_mask=None, input_pos=None):
         h = self.drop(h)
         for i, blk in enumerate(self.block):
-            h = blk(h, self_mask, i, cache, enc, cross_mask)
+            h = blk(h, self_mask, i, cache, enc, cross_mask, input_pos)
         return self.drop(self.final_layer_norm(h))
 
 
@@ -273,13 +275,29 @@ class T5LM(nn.Module):
             keep = pad if keep is None else keep & pad
         if keep is not None:
             mask = torch.where(keep, mask, _MASKED)  # (B|1, H, L, T)
-        cross = _key_mask(encoder_mask, mask.dtype) if encoder_mask is not None else None  # (B, 1, 1, S)
+        cross = key_padding_mask(encoder_mask, mask.dtype) if encoder_mask is not None else None  # (B, 1, 1, S)
         h = self.decoder(self.shared(decoder_input_ids), mask, cache, encoder_hidden, cross)  # (B, L, E)
         if cache is not None:
             cache.advance(L)
         if self.scale_logits:
             h = h * self.config.d_model ** -0.5
         return self.lm_head(h)
+
+    def static_step(self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor, encoder_hidden: torch.Tensor,
+                    cross_mask: torch.Tensor | None) -> torch.Tensor:
+        """One decoder step on static shapes: tokens (B,) at cache slot `input_pos` (1,), attending
+        over every slot with the ones after it masked; `cache.cross` must already hold the
+        encoder K/V (the first, dynamic decode call computes them). -> logits (B, V)."""
+        att = self.decoder.block[0].layer[0].SelfAttention
+        slots = torch.arange(cache.max_len, device=tokens.device)
+        rel = slots[None, :] - input_pos[:, None]  # (1, capacity) key - query
+        bias = att.relative_attention_bias(relative_position_bucket(rel, False, att.num_buckets, att.max_distance))
+        bias = bias.permute(2, 0, 1).unsqueeze(0)  # (1, H, 1, capacity)
+        mask = torch.where((slots <= input_pos)[None, None, None, :], bias, _MASKED)
+        h = self.decoder(self.shared(tokens[:, None]), mask, cache, encoder_hidden, cross_mask, input_pos)
+        if self.scale_logits:
+            h = h * self.config.d_model ** -0.5
+        return self.lm_head(h[:, 0])
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing inputs: decoder_start_token_id, then labels[:-1]; -100 becomes pad."""
