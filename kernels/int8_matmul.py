@@ -54,6 +54,9 @@ Limits: weight (N, K) int8 with K >= 1; Triton and native need G % 16 == 0 for g
 served by torch). GPU tile sizes and SPLIT_K are heuristics, not yet measured on a GPU (none was
 available while this was written); under the interpreter bf16 dots run in fp32 (see _upcast).
 The backward is a dense matmul with the dequantised weight (no fused int8 backward kernel).
+Every configuration the launchers pick compiles for sm_80 and sm_90 (tests/kernels/
+test_aot_compile.py; bench/results/aot_compile.md): the 16-bit kernels spill at most 68 bytes per
+thread, while the fp32-activation GEMM (FMA dots) spills 1-18 KB per thread on both.
 """
 from __future__ import annotations
 
@@ -297,11 +300,63 @@ def _precision(dtype: torch.dtype, upcast: bool) -> str:
     return "ieee" if dtype == torch.float32 or upcast else "tf32"  # ignored for 16-bit inputs
 
 
-def _upcast(x: torch.Tensor) -> bool:
+def _upcast(dtype: torch.dtype, on_gpu: bool) -> bool:
     """Triton 3.9's interpreter computes bf16 x bf16 tl.dot wrongly (errors ~1e10 on N(0, 1)
     inputs; fp16 and fp32 are exact), so under the interpreter bf16 tiles are widened to fp32
     before the dot: the same products and fp32 accumulation the GPU's bf16 MMA computes."""
-    return x.device.type != "cuda" and x.dtype == torch.bfloat16
+    return not on_gpu and dtype == torch.bfloat16
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Launch choices as pure functions of the call's shape class (dtype, M, group size, bias): the
+# launchers below and the ahead-of-time compile test (tests/kernels/test_aot_compile.py) use the
+# same code. Each returns every constexpr and launch option of its kernel. `on_gpu` False is the
+# interpreter, where small tiles keep the CPU emulation fast. Heuristics, not yet measured on a GPU.
+
+def _dot_flags(dtype: torch.dtype, on_gpu: bool) -> dict:
+    upcast = _upcast(dtype, on_gpu)
+    return dict(INPUT_PRECISION=_precision(dtype, upcast), UPCAST=upcast)
+
+
+def gemm_config(dtype: torch.dtype, m: int, group: int, has_bias: bool, on_gpu: bool,
+                block_m=None, block_n=None, block_k=None) -> dict:
+    """The tiled GEMM for M rows and group size `group` (0: per-channel scales): BLOCK_M/N/K
+    (BLOCK_K divides the group: one scale per K step), GROUP_M, the dot flags and, on a GPU,
+    num_warps and num_stages (8 warps and 3 stages for the 128-row tiles of prefill)."""
+    bm = block_m or (16 if not on_gpu else (64 if m <= 64 else 128))
+    bn = block_n or (128 if on_gpu else 32)
+    bk = largest_pow2_block_dividing(group, block_k or (64 if on_gpu else 32))
+    extra = {"num_warps": 4 if bm <= 64 else 8, "num_stages": 4 if bm <= 64 else 3} if on_gpu else {}
+    return dict(GROUP_SIZE=group, HAS_BIAS=bool(has_bias), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                **_dot_flags(dtype, on_gpu), **extra)
+
+
+def splitk_config(dtype: torch.dtype, group: int, on_gpu: bool, block_n=None, block_k=None) -> dict:
+    """The split-K GEMV: BLOCK_M 16 (all <= 16 activation rows in one dot tile), BLOCK_N,
+    BLOCK_K dividing the group, the dot flags and, on a GPU, num_warps and num_stages. SPLIT_K is
+    a run-time argument (`splitk_split`), not part of the compiled kernel."""
+    extra = {"num_warps": 4, "num_stages": 4} if on_gpu else {}
+    return dict(GROUP_SIZE=group, BLOCK_M=16, BLOCK_N=block_n or (64 if on_gpu else 32),
+                BLOCK_K=largest_pow2_block_dividing(group, block_k or (128 if on_gpu else 32)),
+                **_dot_flags(dtype, on_gpu), **extra)
+
+
+def splitk_split(n: int, k: int, block_n: int, block_k: int, sm_count: int, split_k=None) -> tuple[int, int]:
+    """(SPLIT_K, K_PER_SPLIT): about two waves of programs over the SMs, never a split below one
+    K step, K_PER_SPLIT a multiple of BLOCK_K (so a split never straddles a scale group)."""
+    if split_k is None:
+        split_k = max(1, min(_cdiv(2 * sm_count, _cdiv(n, block_n)), _cdiv(k, block_k), 64))
+    k_per_split = _cdiv(_cdiv(k, split_k), block_k) * block_k
+    return _cdiv(k, k_per_split), k_per_split
+
+
+def splitk_reduce_config(group: int, has_bias: bool, on_gpu: bool) -> dict:
+    """The split-K reduction: per-channel scales applied here (group 0), bias, and BLOCK_N
+    columns per program (num_warps is Triton's default, 4)."""
+    return dict(PER_CHANNEL=group == 0, HAS_BIAS=bool(has_bias), BLOCK_N=128 if on_gpu else 32)
 
 
 def int8_linear_triton_gemm(x2d, weight, scale, bias=None, block_m=None, block_n=None, block_k=None):
@@ -314,20 +369,14 @@ def _triton_gemm(x2d, weight, scale, bias, group, block_m=None, block_n=None, bl
     m, k = x2d.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    interp = x2d.device.type != "cuda"
-    bm = block_m or (16 if interp else (64 if m <= 64 else 128))
-    bn = block_n or (32 if interp else 128)
-    bk = largest_pow2_block_dividing(group, block_k or (32 if interp else 64))  # one scale per K step
+    meta = gemm_config(x2d.dtype, m, group, bias is not None, x2d.device.type == "cuda", block_m, block_n, block_k)
     s2 = scale.reshape(n, -1)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    extra = {} if interp else {"num_warps": 4 if bm <= 64 else 8, "num_stages": 4 if bm <= 64 else 3}
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with on_device(x2d):
         _int8_gemm_kernel[grid](
             x2d, weight, s2, bias if bias is not None else s2, y, m, n, k,
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
-            y.stride(0), y.stride(1),
-            GROUP_SIZE=group, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-            INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
+            y.stride(0), y.stride(1), **meta)
     return y
 
 
@@ -341,28 +390,20 @@ def _triton_splitk(x2d, weight, scale, bias, group, split_k=None, block_n=None, 
     m, k = x2d.shape
     assert 1 <= m <= SPLITK_MAX_M, f"{_OP}: the split-K kernel serves 1 <= M <= {SPLITK_MAX_M}, got M = {m}"
     n = weight.shape[0]
-    interp = x2d.device.type != "cuda"
-    bn = block_n or (32 if interp else 64)
-    bk = largest_pow2_block_dividing(group, block_k or (32 if interp else 128))
-    n_blocks = triton.cdiv(n, bn)
-    if split_k is None:  # about two waves of programs over the SMs, never a split below one K step
-        split_k = max(1, min(triton.cdiv(2 * _sm_count(x2d.device), n_blocks), triton.cdiv(k, bk), 64))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
-    split_k = triton.cdiv(k, k_per_split)
+    on_gpu = x2d.device.type == "cuda"
+    meta = splitk_config(x2d.dtype, group, on_gpu, block_n, block_k)
+    split_k, k_per_split = splitk_split(n, k, meta["BLOCK_N"], meta["BLOCK_K"], _sm_count(x2d.device), split_k)
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=x2d.device)
     s2 = scale.reshape(n, -1)
-    extra = {} if interp else {"num_warps": 4, "num_stages": 4}
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    rbn = 128 if not interp else 32
+    reduce_meta = splitk_reduce_config(group, bias is not None, on_gpu)
     with on_device(x2d):
-        _int8_splitk_kernel[(n_blocks, split_k)](
+        _int8_splitk_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split_k)](
             x2d, weight, s2, part, m, n, k, k_per_split,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1),
-            GROUP_SIZE=group, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
-            INPUT_PRECISION=_precision(x2d.dtype, _upcast(x2d)), UPCAST=_upcast(x2d), **extra)
-        _int8_splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s2.stride(0), s2.stride(1), **meta)
+        _int8_splitk_reduce_kernel[(m, triton.cdiv(n, reduce_meta["BLOCK_N"]))](
             part, s2, bias if bias is not None else s2, y, m, n, split_k, s2.stride(0), y.stride(0), y.stride(1),
-            PER_CHANNEL=group == 0, HAS_BIAS=bias is not None, BLOCK_N=rbn)
+            **reduce_meta)
     return y
 
 

@@ -55,9 +55,13 @@ attention therefore comes from doing it in one launch (two for fwd+bwd) without 
 (B, 1, L, L) mask or writing the (B, H, L, L) scores and probabilities, not from faster matmuls.
 Tile sizes (32x32 up to L = 128, 64 beyond except fp32 with D > 64; 4 warps) are reasoned for
 these shapes: 32-row blocks keep the 32 queries and the text in separate blocks so the mode-based
-skip applies, and L = 64 gives B*H*2 programs, plenty for 132 SMs. The kernels compile for sm_90
-(checked offline with Triton's ptxas: the fp16 L=64 forward uses 10 KB of shared memory, the
-backward 21 KB); speed is to be measured and the tiles re-tuned on a GPU.
+skip applies, and L = 64 gives B*H*2 programs, plenty for 132 SMs. Every configuration
+`launch_config` can return compiles for sm_80 and sm_90 (tests/kernels/test_aot_compile.py, Triton
+3.9's ptxas, no GPU; bench/results/aot_compile.md): the bf16 L=64 forward takes 14 KB of shared
+memory and 80-103 registers, the backward 22 KB and 123-140 registers, no spills; the 16-bit
+backward with 64x64 tiles (L > 128) spills up to ~1 KB per thread, and fp32 in IEEE precision (FMA
+dots) spills in most backward tiles, 45-55 KB per thread with 64x64 tiles at D 64. Speed is to be
+measured and the tiles re-tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -319,8 +323,9 @@ def _qformer_attn_bwd_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _tiles(lq: int, lk: int, head_dim: int, elem_bytes: int) -> dict:
-    """Tile sizes for the Q-Former's small shapes (reasoned, not yet measured on a GPU)."""
+def tile_config(lq: int, lk: int, head_dim: int, elem_bytes: int) -> dict:
+    """Tile sizes and launch options for the Q-Former's small shapes (reasoned, not yet measured
+    on a GPU): BLOCK_M (rows), BLOCK_N (keys), BLOCK_D (head dim padded), num_warps, num_stages."""
     # 32-row blocks keep the 32 queries and the text apart, so the mode's tile skip applies; tl.dot
     # needs every dimension >= 16. 64-wide tiles only for long sequences, and not for fp32 with a
     # 128 head dim: compiled for sm_90 that backward asks ~180 KB of shared memory (more than an
@@ -331,11 +336,22 @@ def _tiles(lq: int, lk: int, head_dim: int, elem_bytes: int) -> dict:
                 BLOCK_D=block_d, num_warps=4, num_stages=2)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 dots follow torch's own matmul setting, so "fp32" means what plain PyTorch computes
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def dot_precision(dtype: torch.dtype, allow_tf32: bool | None = None) -> str:
+    """tl.dot's input_precision. fp32 dots follow torch's own matmul setting (allow_tf32 None:
+    read torch.backends.cuda.matmul.allow_tf32), so "fp32" means what plain PyTorch computes."""
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def launch_config(dtype: torch.dtype, lq: int, lk: int, head_dim: int, mode_id: int, has_pad: bool,
+                  allow_tf32: bool | None = None) -> dict:
+    """Every compile-time choice the forward and backward launchers make for one call: the
+    kernels' constexprs (MODE, HAS_PAD, HEAD_DIM, PRECISION, BLOCK_M/N/D) and the launch options
+    (num_warps, num_stages). A pure function of the call's shape class, so the ahead-of-time
+    compile test (tests/kernels/test_aot_compile.py) enumerates exactly what the launchers pick."""
+    return dict(MODE=mode_id, HAS_PAD=bool(has_pad), HEAD_DIM=head_dim, PRECISION=dot_precision(dtype, allow_tf32),
+                **tile_config(lq, lk, head_dim, dtype.itemsize))
 
 
 def _check_qkv(q, k, v, mode_id: int, num_query: int, pad) -> None:
@@ -376,8 +392,8 @@ def _qformer_attn_fwd(q, k, v, mode_id: int, num_query: int, pad, scale: float):
     lse = torch.empty((B * H, LQ), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    t = _tiles(LQ, LK, D, q.element_size())
-    grid = (B * H, triton.cdiv(LQ, t["BLOCK_M"]))
+    meta = launch_config(q.dtype, LQ, LK, D, mode_id, pad is not None)
+    grid = (B * H, triton.cdiv(LQ, meta["BLOCK_M"]))
     with on_device(q):
         _qformer_attn_fwd_kernel[grid](
             q, k, v, out, lse, pad if pad is not None else q,
@@ -386,8 +402,7 @@ def _qformer_attn_fwd(q, k, v, mode_id: int, num_query: int, pad, scale: float):
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
-            H, num_query, LQ, LK, scale * _LOG2E,
-            MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
+            H, num_query, LQ, LK, scale * _LOG2E, **meta,
         )
     return out, lse
 
@@ -403,9 +418,9 @@ def _qformer_attn_bwd(do, q, k, v, out, lse, mode_id: int, num_query: int, pad, 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    t = _tiles(LQ, LK, D, q.element_size())
-    num_kv_blocks = triton.cdiv(LK, t["BLOCK_N"])
-    grid = (B * H, num_kv_blocks + triton.cdiv(LQ, t["BLOCK_M"]))
+    meta = launch_config(q.dtype, LQ, LK, D, mode_id, pad is not None)
+    num_kv_blocks = triton.cdiv(LK, meta["BLOCK_N"])
+    grid = (B * H, num_kv_blocks + triton.cdiv(LQ, meta["BLOCK_M"]))
     with on_device(q):
         _qformer_attn_bwd_kernel[grid](
             q, k, v, out, do, lse, pad if pad is not None else q, dq, dk, dv,
@@ -418,8 +433,7 @@ def _qformer_attn_bwd(do, q, k, v, out, lse, mode_id: int, num_query: int, pad, 
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             pad.stride(0) if pad is not None and pad.shape[0] > 1 else 0,
-            H, num_query, LQ, LK, num_kv_blocks, scale * _LOG2E, scale,
-            MODE=mode_id, HAS_PAD=pad is not None, HEAD_DIM=D, PRECISION=_precision(q.dtype), **t,
+            H, num_query, LQ, LK, num_kv_blocks, scale * _LOG2E, scale, **meta,
         )
     return dq, dk, dv
 
