@@ -89,7 +89,7 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "import-linter>=2.1"],
+        "test": ["pytest>=7", "pytest-timeout", "import-linter>=2.1", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "nvidia-ml-py>=12"],
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.26"],
         "int8": ["bitsandbytes>=0.43"],

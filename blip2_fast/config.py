@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 
 
@@ -18,10 +20,38 @@ class ConfigError(ValueError):
     """A config.json that blip2_fast cannot use; the message names the field."""
 
 
+# sizes a model cannot be built with when they are 0 (a division or an empty matrix follows)
+POSITIVE_FIELDS = {"hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
+                   "vocab_size", "max_position_embeddings", "cross_attention_frequency", "encoder_hidden_size",
+                   "ffn_dim", "word_embed_proj_dim", "d_model", "d_kv", "d_ff", "num_heads",
+                   "relative_attention_num_buckets", "relative_attention_max_distance"}
+_PYTHON_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,), type(None): (type(None),)}
+
+
+def _check_field(where: str, name: str, value, annotation) -> None:
+    """`value` must have the field's declared type (bool is not an int here, an int is a float)."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    ok = any(isinstance(value, _PYTHON_TYPES.get(t, (t,))) and not (t in (int, float) and isinstance(value, bool))
+             for t in allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"{where}.{name} must be {names}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and value < (1 if name in POSITIVE_FIELDS else 0):
+        raise ConfigError(f"{where}.{name} must be >= {1 if name in POSITIVE_FIELDS else 0}, got {value}")
+
+
 def _take(cls, d: dict, where: str):
-    """Build dataclass `cls` from the keys of `d` it knows; the rest go to `extra`."""
+    """Build dataclass `cls` from the keys of `d` it knows, each checked against its declared
+    type; the rest go to `extra`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     kwargs = {k: d[k] for k in names if k in d}
+    for name, value in kwargs.items():
+        _check_field(where, name, value, hints[name])
     extra = {k: v for k, v in d.items() if k not in names}
     try:
         obj = cls(**kwargs)
@@ -172,21 +202,26 @@ class Blip2Config:
         model_type = d.get("model_type")
         if model_type not in ("blip-2", None):
             raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'blip-2'")
-        vision = _take(VisionConfig, dict(d.get("vision_config") or {}), "vision_config")
-        qformer = _take(QFormerConfig, dict(d.get("qformer_config") or {}), "qformer_config")
+        vision = _take(VisionConfig, d.get("vision_config") or {}, "vision_config")
+        qformer = _take(QFormerConfig, d.get("qformer_config") or {}, "qformer_config")
         text = None
         text_d = d.get("text_config")
         if text_d is not None:
+            if not isinstance(text_d, dict):
+                raise ConfigError(f"text_config must be a JSON object, got {type(text_d).__name__}")
             text_type = text_d.get("model_type", "opt")
-            if text_type not in _TEXT_CONFIGS:
+            if not isinstance(text_type, str) or text_type not in _TEXT_CONFIGS:
                 raise ConfigError(f"text_config.model_type {text_type!r} is not supported (supported: opt, t5)")
-            text = _take(_TEXT_CONFIGS[text_type], dict(text_d), "text_config")
+            text = _take(_TEXT_CONFIGS[text_type], text_d, "text_config")
         known = {"vision_config", "qformer_config", "text_config", "num_query_tokens",
                  "image_text_hidden_size", "image_token_index", "image_token_id"}
-        cfg = cls(vision=vision, qformer=qformer, text=text,
-                  num_query_tokens=d.get("num_query_tokens", 32),
-                  image_text_hidden_size=d.get("image_text_hidden_size", 256),
-                  image_token_index=d.get("image_token_index", d.get("image_token_id")),
+        top = {"num_query_tokens": d.get("num_query_tokens", 32),
+               "image_text_hidden_size": d.get("image_text_hidden_size", 256),
+               "image_token_index": d.get("image_token_index", d.get("image_token_id"))}
+        hints = typing.get_type_hints(cls)
+        for name, value in top.items():
+            _check_field("config", name, value, hints[name])
+        cfg = cls(vision=vision, qformer=qformer, text=text, **top,
                   extra={k: v for k, v in d.items() if k not in known})
         cfg.validate()
         return cfg
@@ -209,11 +244,19 @@ class Blip2Config:
 
     @classmethod
     def from_json_file(cls, path: str) -> "Blip2Config":
+        """A model folder's config.json; unlike `from_hf_dict`, which fills in the ViT-g and
+        BERT-base defaults, a file must describe the image encoder and the Q-Former itself: a
+        default in their place would only surface later as a misleading weight-shape error."""
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        missing = [k for k in ("vision_config", "qformer_config") if isinstance(d, dict) and k not in d]
+        if missing:
+            raise ConfigError(f"{path}: no {' and no '.join(missing)}; a BLIP-2 config.json describes its image "
+                              f"encoder (vision_config) and Q-Former (qformer_config), and its LLM (text_config) "
+                              f"unless it is a retrieval model")
         try:
             return cls.from_hf_dict(d)
         except ConfigError as err:

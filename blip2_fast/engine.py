@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from dataclasses import dataclass
 
 import torch
 
+from .config import Blip2Config
 from .images import ImageSpec
-from .loading import CheckpointError, resolve_folder
+from .loading import ITM_HEAD, LLM_PREFIX, CheckpointError, checkpoint_keys, resolve_folder
 from .models.blip2 import Blip2ForConditionalGeneration
 from .tokenizers import load_qformer_tokenizer, load_tokenizer, qformer_question_inputs
 
@@ -33,6 +35,7 @@ DEFAULTS = {
     "chat": dict(beams=5, max_new_tokens=30, min_new_tokens=0, length_penalty=-1.0),
 }
 TEMPLATES = {"decoder": "Question: {} Answer:", "encoder-decoder": "Question: {} Short answer:"}
+MAX_LENGTH_PENALTY = 20.0
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 DEFAULT_MODELS = {"generation": "blip2-shapes", "retrieval": "blip2-shapes-itm"}
 
@@ -58,6 +61,10 @@ def settings_for(task: str, beams: int | None = None, max_new_tokens: int | None
     if settings.beams < 1 or settings.max_new_tokens < 1 or settings.min_new_tokens < 0:
         raise EngineError(f"need --beams >= 1, --max-new-tokens >= 1 and --min-new-tokens >= 0; got {settings.beams}, "
                           f"{settings.max_new_tokens} and {settings.min_new_tokens}")
+    # beam scores divide by length ** penalty: far outside BLIP-2's -1..1 that overflows a float
+    if not -MAX_LENGTH_PENALTY <= settings.length_penalty <= MAX_LENGTH_PENALTY:
+        raise EngineError(f"--length-penalty must be a number between {-MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY}, "
+                          f"got {settings.length_penalty}")
     return settings
 
 
@@ -93,9 +100,49 @@ def resolve_model(model: str | None, kind: str = "generation") -> str:
 
 def default_device(device: str | None = None) -> str:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise EngineError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise EngineError(f"--device {device}: Apple's MPS is not available on this machine (use --device cpu)")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise EngineError(f"--device {device}: models run on cpu, cuda or mps devices")
     return device
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads: the CPU threads torch uses for its operators (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise EngineError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def check_question(question: str) -> None:
+    """An empty question is refused: the model would answer a bare template."""
+    if not question or not question.strip():
+        raise EngineError("--question is empty: ask something about the image")
+
+
+def require_generation_folder(folder: str) -> None:
+    """A captioning/VQA model needs an LLM: a retrieval folder is named as such, rather than
+    failing later on a list of missing language_model keys or a config without text_config."""
+    keys = checkpoint_keys(folder)
+    if not any(k.startswith(LLM_PREFIX) for k in keys):
+        kind = "an image-text retrieval folder (ITM/ITC heads, no LLM)" if ITM_HEAD in keys else \
+            "a model without an LLM (no language_model.* weights)"
+        hint = f"; use it with `blip2-fast retrieve --model {folder}`" if ITM_HEAD in keys else ""
+        raise EngineError(f"--model {folder}: {kind}; caption, vqa and chat need a captioning model "
+                          f"(Blip2ForConditionalGeneration){hint}")
+    if Blip2Config.from_json_file(os.path.join(folder, "config.json")).text is None:
+        raise EngineError(f"--model {folder}: config.json has no text_config, though the weights hold an LLM "
+                          f"(language_model.*); add the LLM's text_config")
 
 
 class Engine:
@@ -115,6 +162,7 @@ class Engine:
         """Resolve `model` (folder, hub id, or the shipped default), load it on `device` (CUDA
         when available) in `dtype` (bf16 on CUDA, fp32 on the CPU unless given)."""
         folder = resolve_model(model)
+        require_generation_folder(folder)
         tokenizer = load_tokenizer(folder)
         device = default_device(device)
         # bf16 on GPUs: BLIP-2 ran OPT in fp16 but FlanT5 in bf16 (fp16 overflows); bf16 suits both
@@ -132,8 +180,14 @@ class Engine:
     def question_template(self, prompt: str | None = None) -> str:
         """`prompt` (a template with {}) or the family's default; EngineError without a slot."""
         template = prompt or self.template
-        if "{}" not in template:
-            raise EngineError(f"--prompt {template!r}: a question template needs '{{}}' where the question goes")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as err:  # a lone brace
+            raise EngineError(f"--prompt {template!r}: not a template ({err}); write a literal brace as {{{{ or }}}}") \
+                from None
+        if fields != [""]:
+            raise EngineError(f"--prompt {template!r}: a question template needs '{{}}' exactly once, where the "
+                              f"question goes (found {len(fields)} fields); write a literal brace as {{{{ or }}}}")
         return template
 
     def encode(self, prompts: list[str]):
@@ -163,6 +217,7 @@ class Engine:
         """Texts after each prompt. questions: the bare question of each row (None for a caption),
         fed to the Q-Former when the model reads them."""
         ids, mask = self.encode(prompts)
+        self.check_fits(ids, settings)
         if questions is not None and len(questions) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(questions)} questions")
         out = self.model.generate(pixel_values, input_ids=ids, attention_mask=mask, num_beams=settings.beams,
@@ -172,6 +227,20 @@ class Engine:
         # decoder-only: prompt ids come back in front; encoder-decoder: the decoder start token
         new = out[:, 1:] if self.config.is_encoder_decoder else out[:, ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
+
+    def check_fits(self, ids: torch.Tensor, settings: Settings) -> None:
+        """EngineError, before any model work, for a prompt holding the image placeholder token
+        or one that with --max-new-tokens overruns the LLM's positions (OPT; T5 has no limit)."""
+        Q, tok = self.config.num_query_tokens, self.config.image_token_index
+        if tok is not None and int((ids[:, Q:] == tok).sum()):
+            raise EngineError(f"the prompt contains the image placeholder token (id {tok}), which only the "
+                              f"{Q} image queries may use")
+        limit = getattr(self.config.text, "max_position_embeddings", None)
+        used = ids.shape[1] + (0 if tok is not None else Q)  # without placeholders the model prepends them
+        if limit and used + settings.max_new_tokens > limit:
+            raise EngineError(f"the prompt takes {used} of the LLM's {limit} positions ({Q} of them image queries) "
+                              f"and --max-new-tokens {settings.max_new_tokens} more: shorten the prompt or lower "
+                              f"--max-new-tokens to at most {max(limit - used, 0)}")
 
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer(prompt)["input_ids"]) + self.config.num_query_tokens
@@ -187,4 +256,4 @@ class Engine:
 
 
 __all__ = ["Engine", "EngineError", "Settings", "settings_for", "DEFAULTS", "TEMPLATES", "default_model",
-           "resolve_model", "default_device"]
+           "resolve_model", "default_device", "set_threads", "check_question", "require_generation_folder"]

@@ -9,6 +9,13 @@ for step, so the same file gives the same `pixel_values` bit for bit:
   4. normalise per channel in float32: (x - mean) / std, CLIP mean/std by default.
 Steps 3-4 use the same dtypes in the same order as transformers, which is what makes the
 result identical rather than merely close (computing 4 in float64 would differ by ~1 ulp).
+One deliberate difference: 16-bit greyscale images (Pillow modes I;16 and I) are scaled to 8
+bits (65535 -> 255); `convert("RGB")`, which transformers uses, clips them, turning all but the
+darkest pixels white.
+
+Images over Pillow's decompression-bomb limit are refused with `ImageError`, never decoded.
+`check_images` / `open_images` check or decode many files, returning the unreadable ones with
+their reasons instead of stopping at the first (or raising it, with strict=True).
 
 The settings come from the model folder's `preprocessor_config.json` (hub BLIP-2 folders) or
 the `image_processor` entry of `processor_config.json` (what transformers 5 writes); without
@@ -80,6 +87,11 @@ def _image_processor_dict(folder: str) -> dict:
     return {}
 
 
+def _bomb_message(path: str, err: Exception) -> str:
+    return (f"{path}: image too large to decode safely ({err}); Pillow's limit is "
+            f"{Image.MAX_IMAGE_PIXELS} pixels")
+
+
 def open_image(path: str) -> Image.Image:
     """Open and fully decode an image file; `ImageError` naming the file if that fails."""
     if not os.path.exists(path):
@@ -91,7 +103,9 @@ def open_image(path: str) -> Image.Image:
         img.load()  # decode now: a truncated file fails here, not halfway through a batch
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageError(_bomb_message(path, err)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # Pillow's decoders raise all of these
         raise ImageError(f"{path}: cannot read the image ({err})") from None
     return img
 
@@ -107,12 +121,63 @@ def check_image(path: str) -> None:
             pass
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
-    except OSError as err:
+    except Image.DecompressionBombError as err:
+        raise ImageError(_bomb_message(path, err)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageError(f"{path}: cannot read the image ({err})") from None
 
 
+def check_images(paths: list[str], strict: bool = True) -> tuple[list[str], list[ImageError]]:
+    """Header-check each file: (the readable paths, an `ImageError` for each other one).
+    strict: raise the first error instead, as `check_image` does."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            check_image(path)
+        except ImageError as err:
+            if strict:
+                raise
+            bad.append(err)
+        else:
+            good.append(path)
+    return good, bad
+
+
+def open_images(paths: list[str], strict: bool = True) -> tuple[list[str], list[Image.Image], list[ImageError]]:
+    """Decode each file: (the decoded paths, their images, an `ImageError` for each other one).
+    strict: raise the first error instead."""
+    good, images, bad = [], [], []
+    for path in paths:
+        try:
+            images.append(open_image(path))
+        except ImageError as err:
+            if strict:
+                raise
+            bad.append(err)
+        else:
+            good.append(path)
+    return good, images, bad
+
+
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit_grey(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (I;16*, or I as Pillow gives 16-bit PNGs and TIFFs) as mode L,
+    scaled by 255/65535 with rounding; a transparent grey level is scaled alike."""
+    levels = np.asarray(img, dtype=np.float64)
+    grey = Image.fromarray(np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8), "L")
+    transparency = img.info.get("transparency")
+    if isinstance(transparency, int):
+        grey.info["transparency"] = int(np.clip(round(transparency / 257.0), 0, 255))
+    return grey
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (transformers' `convert_to_rgb`)."""
+    """RGB, with any transparency composited onto white (transformers' `convert_to_rgb`);
+    16-bit greyscale is first scaled to 8 bits (`to_8bit_grey`) rather than clipped."""
+    if img.mode in WIDE_GREY_MODES:
+        img = to_8bit_grey(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -149,5 +214,5 @@ def load_images(paths: list[str], spec: ImageSpec) -> torch.Tensor:
     return preprocess([open_image(p) for p in paths], spec)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageError", "ImageSpec", "open_image", "check_image", "to_rgb",
-           "preprocess", "load_images"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageError", "ImageSpec", "open_image", "check_image", "check_images",
+           "open_images", "to_8bit_grey", "to_rgb", "preprocess", "load_images"]

@@ -75,6 +75,35 @@ def weight_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index found")
 
 
+def checkpoint_keys(folder: str) -> set[str]:
+    """Tensor names of a folder's checkpoint, no tensor read: a shard index's weight map, a
+    safetensors header, or a torch pickle opened with mmap. `CheckpointError` when unreadable."""
+    for index in (SAFE_INDEX, BIN_INDEX):
+        path = os.path.join(folder, index)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return set(json.load(f)["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{path}: not a valid shard index ({err})") from None
+    keys: set[str] = set()
+    for path in weight_files(folder):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    keys.update(handle.keys())
+            except Exception as err:  # safetensors raises its own error type for any bad header
+                raise CheckpointError(f"{path}: cannot read safetensors header ({err})") from None
+        else:
+            keys.update(k for k, _ in iter_checkpoint([path]))
+    return keys
+
+
+# the parts that tell a captioning/VQA folder from a retrieval one (both may be in one folder)
+LLM_PREFIX, ITM_HEAD = "language_model.", "itm_head.weight"
+
+
 def iter_checkpoint(files: list[str], want=None):
     """Yield (key, tensor) one at a time from safetensors or torch pickle files; with `want`,
     only keys for which want(key) is true (safetensors skips the others unread)."""
@@ -391,4 +420,5 @@ def _carry_other_files(folder: str, new: str) -> None:
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "resolve_folder", "weight_files",
-           "iter_checkpoint", "fold_vision_biases", "SAFE_INDEX", "WEIGHT_SUFFIXES"]
+           "checkpoint_keys", "LLM_PREFIX", "ITM_HEAD", "iter_checkpoint", "fold_vision_biases", "SAFE_INDEX",
+           "WEIGHT_SUFFIXES"]

@@ -23,6 +23,8 @@ Procedure (LAVIS' `compute_sim_matrix`, with the work shared where it can be):
 Inputs from files: `list_images(folder)` takes every regular file of the folder in name order,
 skipping hidden files (".*") and sub-folders; any other file that is not a readable image is an
 error naming it (never a silent skip: a gallery missing an image would corrupt recall).
+`scan_images(folder)` and `encode_images(..., skipped=[])` instead leave unreadable images out
+and return each with its reason, for a caller that reports them (the command line does).
 `read_texts(path)`: one text per line, UTF-8; a blank line is an error naming its line number.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ import torch
 
 from .atomic import write_file
 from .fingerprint import config_bytes, weights_fingerprint
-from .images import ImageSpec, check_image, load_images
+from .images import ImageError, ImageSpec, check_images, open_images, preprocess
+from .loading import ITM_HEAD, LLM_PREFIX, checkpoint_keys
 from .models.retrieval_heads import Blip2ForImageTextRetrieval
 from .tokenizers import load_tokenizer
 
@@ -52,6 +55,12 @@ class RetrievalError(ValueError):
 def list_images(folder: str) -> list[str]:
     """Image paths of `folder`, sorted by name (hidden files and sub-folders skipped); each is
     header-checked now, so a non-image file fails before any model work (`ImageError`)."""
+    return scan_images(folder, strict=True)[0]
+
+
+def scan_images(folder: str, strict: bool = False) -> tuple[list[str], list[ImageError]]:
+    """(readable image paths of `folder` sorted by name, an `ImageError` per unreadable file);
+    strict: raise the first error instead. `RetrievalError` when no image is left."""
     if not os.path.isdir(folder):
         why = "is a file, not a folder" if os.path.exists(folder) else "no such folder"
         raise RetrievalError(f"--images {folder}: {why}")
@@ -59,9 +68,10 @@ def list_images(folder: str) -> list[str]:
              if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
     if not paths:
         raise RetrievalError(f"--images {folder}: the folder holds no image files")
-    for p in paths:
-        check_image(p)
-    return paths
+    good, bad = check_images(paths, strict)
+    if not good:
+        raise RetrievalError(f"--images {folder}: none of its {len(paths)} files is a readable image")
+    return good, bad
 
 
 def read_texts(path: str) -> list[str]:
@@ -135,7 +145,10 @@ class GalleryCache:
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
 
-    def load(self) -> dict[str, tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def load(self, feature_shape: tuple[int, int] | None = None,
+             token_dim: int | None = None) -> dict[str, tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """path -> (stamp, query features, vision tokens); `feature_shape` (queries, dim) and
+        `token_dim` are what the model makes, which every cached row must have."""
         if not os.path.exists(self.path):
             return {}
         from safetensors import safe_open
@@ -154,8 +167,36 @@ class GalleryCache:
             raise
         except Exception as err:
             raise RetrievalError(f"cache {self.path}: unreadable ({err}); delete it to rebuild") from None
-        names, stamps = json.loads(meta["names"]), json.loads(meta["stamps"])  # absolute paths
+        names, stamps = self._entries(meta, feats, tokens)
+        if (feature_shape is not None and tuple(feats.shape[1:]) != tuple(feature_shape)) or \
+                (token_dim is not None and tokens.shape[-1] != token_dim):
+            raise RetrievalError(f"cache {self.path}: features {tuple(feats.shape[1:])} and vision tokens of width "
+                                 f"{tokens.shape[-1]} per image, this model makes {tuple(feature_shape or ())} and "
+                                 f"{token_dim}; delete it to rebuild")
         return {n: (s, feats[i], tokens[i]) for i, (n, s) in enumerate(zip(names, stamps))}
+
+    def _entries(self, meta: dict, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
+        """The cached names and stamps, after checking that the file is what `save` writes: a
+        name and stamp per row, (N, Q, D) and (N, S, E) float tensors, every value finite."""
+        def bad(why: str) -> RetrievalError:
+            return RetrievalError(f"cache {self.path}: {why}; delete it to rebuild")
+        try:
+            names, stamps = json.loads(meta["names"]), json.loads(meta["stamps"])  # absolute paths
+        except (KeyError, TypeError, ValueError) as err:
+            raise bad(f"unreadable image list ({type(err).__name__}: {err})") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                and isinstance(stamps, list) and all(isinstance(s, list) and len(s) == 2
+                                                     and all(isinstance(v, int) for v in s) for s in stamps)):
+            raise bad("its image list is not a list of paths with [size, mtime] stamps")
+        if feats.dim() != 3 or tokens.dim() != 3 or not feats.is_floating_point() or not tokens.is_floating_point():
+            raise bad(f"features {tuple(feats.shape)} {feats.dtype} and vision tokens {tuple(tokens.shape)} "
+                      f"{tokens.dtype}: expected (N, queries, dim) and (N, tokens, dim) floats")
+        if not len(names) == len(stamps) == feats.shape[0] == tokens.shape[0]:
+            raise bad(f"{len(names)} names, {len(stamps)} stamps, {feats.shape[0]} feature rows and "
+                      f"{tokens.shape[0]} vision-token rows: they must be equal")
+        if not (torch.isfinite(feats).all() and torch.isfinite(tokens).all()):
+            raise bad("it holds NaN or infinite values")
+        return names, stamps
 
     def save(self, gallery: Gallery) -> None:
         from safetensors.torch import save_file
@@ -185,6 +226,11 @@ class Retriever:
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=None, device=None, **kw) -> "Retriever":
+        keys = checkpoint_keys(folder)
+        if ITM_HEAD not in keys and any(k.startswith(LLM_PREFIX) for k in keys):
+            raise RetrievalError(f"--model {folder}: a captioning/VQA model folder (an LLM, no ITM head); retrieve "
+                                 f"needs an image-text retrieval folder (Blip2ForImageTextRetrieval, e.g. a stage-1 "
+                                 f"export); use this one with `blip2-fast caption` or `vqa`")
         model = Blip2ForImageTextRetrieval.from_pretrained(folder, dtype=dtype, device=device)
         return cls(model, load_tokenizer(folder), ImageSpec.from_folder(folder, model.config.vision.image_size), **kw)
 
@@ -194,9 +240,11 @@ class Retriever:
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
-    def encode_images(self, images, cache: str | None = None) -> Gallery:
+    def encode_images(self, images, cache: str | None = None, skipped: list | None = None) -> Gallery:
         """`images`: image paths, or pixel_values (N, 3, H, W). `cache`: a .safetensors file
-        (paths only) reused for images already encoded by this same model."""
+        (paths only) reused for images already encoded by this same model. `skipped`: a list
+        that receives an `ImageError` per image that cannot be decoded, which the gallery then
+        leaves out (without it, the first such image raises)."""
         if isinstance(images, torch.Tensor):
             if cache is not None:
                 raise ValueError("cache= needs image paths (entries are keyed by file), not pixel tensors")
@@ -206,10 +254,19 @@ class Retriever:
         if not paths:
             raise RetrievalError("no images to encode")
         store = GalleryCache(cache, model_fingerprint(self.model, self.spec)) if cache else None
-        known = store.load() if store else {}
+        config = self.model.config
+        known = store.load((config.num_query_tokens, config.image_text_hidden_size),
+                           config.vision.hidden_size) if store else {}
         key = {p: os.path.abspath(p) for p in paths}
         todo = [p for p in paths if key[p] not in known or known[key[p]][0] != GalleryCache.stamp(p)]
-        fresh = dict(zip(todo, zip(*self._encode_files(todo)))) if todo else {}
+        if not todo:
+            fresh = {}
+        else:  # a plain call when nothing may be skipped (what callers and tests that wrap it know)
+            fresh = self._encode_files(todo) if skipped is None else self._encode_files(todo, skipped)
+        tried = set(todo)
+        paths = [p for p in paths if p in fresh or p not in tried]
+        if not paths:
+            raise RetrievalError("none of the images could be decoded")
         dev = self.model.device
         feats = torch.stack([(fresh[p][0] if p in fresh else known[key[p]][1]).to(dev) for p in paths])
         tokens = torch.stack([(fresh[p][1] if p in fresh else known[key[p]][2]).to(dev) for p in paths])
@@ -218,23 +275,33 @@ class Retriever:
             store.save(gallery)
         return gallery
 
-    def _encode_files(self, paths: list[str]):
+    def _encode_files(self, paths: list[str], skipped: list | None = None) -> dict:
+        """path -> (query features, vision tokens) for each path decoded; with `skipped`, the
+        others' errors are appended there, else the first one raises."""
         if self.spec is None:
             raise ValueError("encoding image files needs an ImageSpec (spec=); or pass pixel_values")
         chunks = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
-        feats, tokens, bar = [], [], self._bar(len(paths), "img")
-        with ThreadPoolExecutor(1) as pool:  # decode the next batch while the model runs
-            nxt = pool.submit(load_images, chunks[0], self.spec)
-            for i in range(len(chunks)):
-                pixels = nxt.result()
-                if i + 1 < len(chunks):
-                    nxt = pool.submit(load_images, chunks[i + 1], self.spec)
-                t, f = self.model.encode_image(pixels)
-                feats.extend(f.unbind(0))
-                tokens.extend(t.unbind(0))
-                bar.update(len(chunks[i]))
-        bar.close()
-        return feats, tokens
+        out, bar = {}, self._bar(len(paths), "img")
+
+        def decode(chunk):
+            return open_images(chunk, strict=skipped is None)
+
+        try:
+            with ThreadPoolExecutor(1) as pool:  # decode the next batch while the model runs
+                nxt = pool.submit(decode, chunks[0])
+                for i in range(len(chunks)):
+                    names, images, errors = nxt.result()
+                    if i + 1 < len(chunks):
+                        nxt = pool.submit(decode, chunks[i + 1])
+                    if skipped is not None:
+                        skipped.extend(errors)
+                    if images:
+                        t, f = self.model.encode_image(preprocess(images, self.spec))
+                        out.update(zip(names, zip(f.unbind(0), t.unbind(0))))
+                    bar.update(len(chunks[i]))
+        finally:
+            bar.close()  # ends the bar's line, so that an error message starts a line of its own
+        return out
 
     def _encode_pixels(self, pixels: torch.Tensor):
         feats, tokens = [], []
@@ -345,4 +412,4 @@ def recall_at_k(rankings, truth, ks=(1, 5, 10)) -> dict[int, float]:
 
 
 __all__ = ["Retriever", "Gallery", "TextSet", "Ranking", "RetrievalResult", "RetrievalError", "GalleryCache",
-           "list_images", "read_texts", "recall_at_k", "model_fingerprint"]
+           "list_images", "scan_images", "read_texts", "recall_at_k", "model_fingerprint"]

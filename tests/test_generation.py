@@ -320,7 +320,7 @@ def test_from_kwargs_none_means_unset():
 @pytest.mark.parametrize("kw", [
     dict(max_new_tokens=30),
     dict(max_new_tokens=14, num_beams=3, length_penalty=1.0, early_stopping=True, num_return_sequences=3),
-    dict(max_new_tokens=14, num_beams=2, length_penalty=2.0, early_stopping=False),
+    dict(max_new_tokens=14, num_beams=2, length_penalty=1.0, early_stopping=False),
     dict(max_new_tokens=14, num_beams=3, length_penalty=-1.0, early_stopping="never", num_return_sequences=2),
 ], ids=["greedy", "beam3-early", "beam2-heuristic", "beam3-never"])
 def test_checking_the_stop_flag_every_few_steps_changes_no_token(tiny, every, kw):

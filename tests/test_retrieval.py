@@ -325,7 +325,9 @@ def test_retrieve_cli(tmp_path, capsys):
     args = dict(model=folder, images=images, texts=str(texts), k=None, batch_size=2, device="cpu",
                 dtype=None, top=2, json=False, out=out)
     assert retrieve_main(args) == 0
-    lines = [line.split("\t") for line in out.getvalue().splitlines()]
+    header, *rows = out.getvalue().splitlines()
+    assert header.startswith("#")  # the columns, as a comment line
+    lines = [line.split("\t") for line in rows]
     assert len(lines) == 3 * 2 + 4 * 2
     assert {tuple(line[:3]) for line in lines if line[0] == "t2i"} == {
         ("t2i", t, str(r)) for t in ("a red circle", "a blue square on the left", "the cat") for r in (1, 2)}
@@ -349,7 +351,7 @@ def test_retrieve_through_the_console_entry(tmp_path, capsys):
     texts.write_text("a red circle\nthe cat\n")
     assert main(["retrieve", "--model", folder, "--images", images, "--texts", str(texts), "--top", "1",
                  "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert len(lines) == 2 + 3 and lines[0].startswith("t2i\ta red circle\t1\t")
     texts.write_text("a red circle\n\n")
     assert main(["retrieve", "--model", folder, "--images", images, "--texts", str(texts)]) == 2

@@ -144,3 +144,27 @@ def test_caption_finetune_with_the_vision_encoder_at_a_higher_resolution(world, 
     assert not torch.equal(trained["vision_model.encoder.layers.0.mlp.fc1.weight"],
                            start["vision_model.encoder.layers.0.mlp.fc1.weight"])
     assert not any(k.startswith("language_model.") for k in trained)
+
+
+def test_feature_cache_is_rebuilt_for_other_data_in_the_same_out(tmp_path_factory, tmp_path, caplog):
+    """Train on data set A, then on data set B (as many records) in the same --out with
+    cache_features: the cache is rebuilt, with a message saying why, and holds B's features, as a
+    cache built from B alone does."""
+    from blip2_fast.training.feature_cache import VisionFeatureCache
+
+    folder = tmp_path / "model"
+    make_tiny_folder(str(folder))
+    a = generate_dataset(str(tmp_path_factory.mktemp("data_a")), n=8, seed=11, resolution=28)
+    b = generate_dataset(str(tmp_path_factory.mktemp("data_b")), n=8, seed=12, resolution=28)
+    kw = dict(steps=1, cache_features=True, export=False)
+    train(config(str(folder), a, tmp_path / "run", **kw))
+    cache = str(tmp_path / "run" / "vision_cache")
+    features_a = {i: VisionFeatureCache(cache)[i].clone() for i in VisionFeatureCache(cache).indices}
+    with caplog.at_level("INFO", logger="blip2_fast"):
+        train(config(str(folder), b, tmp_path / "run", **kw))
+    assert "built from other data" in caplog.text
+    train(config(str(folder), b, tmp_path / "only_b", **kw))
+    shared, alone = VisionFeatureCache(cache), VisionFeatureCache(str(tmp_path / "only_b" / "vision_cache"))
+    assert shared.indices == alone.indices == sorted(features_a)
+    assert all(torch.equal(shared[i], alone[i]) for i in alone.indices)
+    assert not all(torch.equal(shared[i], features_a[i]) for i in alone.indices)  # A's were replaced

@@ -14,11 +14,12 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="caption, question and retrieve freshly rendered shape scenes with the "
                                     "shipped models")
     p.add_argument("--n", type=int, default=8, help="scenes to render (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the rendered scenes")
     p.add_argument("--model", help="captioning/VQA model folder (default: the shipped blip2-shapes)")
     p.add_argument("--retrieval-model", help="retrieval model folder (default: the shipped blip2-shapes-itm)")
     p.add_argument("--device", help="cpu, cuda ... (default cuda when available)")
-    p.add_argument("--save", metavar="DIR", help="also write the rendered images as PNG files into DIR")
+    p.add_argument("--save", metavar="DIR", help="also write the rendered images as PNG files into DIR "
+                                                 "(default: not written)")
 
 
 __all__ = ["demo_main", "add_demo_parser"]

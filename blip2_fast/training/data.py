@@ -79,7 +79,7 @@ def load_record_image(record: Record) -> Image.Image:
         img.load()  # decode now so a corrupt member fails here, inside the retry loop
     except UnidentifiedImageError:
         raise ImageError(f"{record.image}: not an image Pillow can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:  # as open_image
         raise ImageError(f"{record.image}: cannot read the image ({err})") from None
     return img
 

@@ -16,10 +16,17 @@ and a rebuild removes the old manifest first, so a crash never leaves a file tha
 The fingerprint (sha256 of the vision config, each tensor's name/shape/dtype and 64 values
 sampled from it) changes with any other checkpoint, finetuning step or weight dtype; opening a
 cache with a `vision_model` whose fingerprint differs is an error.
+
+Rows are looked up by record index, so the cache is also keyed by the data: `data_fingerprint`
+hashes, in record order, each record's image path with its size and modification time (a tar
+member: the shard's, plus the member's offset and size) and the preprocessing. Opening a cache
+with a `data_key` that differs from the one it was built with is an error too: another data set
+in the same --out, an image rewritten in place, another image size, never the old features.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +52,30 @@ def vision_fingerprint(vision_model: torch.nn.Module) -> str:
     return weights_fingerprint([config_bytes(fields)], vision_model.state_dict())
 
 
+def _file_stamp(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+    except OSError:  # unreadable now: the dataset will skip it, and the key records that
+        return [-1, -1]
+    return [st.st_size, st.st_mtime_ns]
+
+
+def data_fingerprint(records, transform) -> str:
+    """sha256 over the records in order (image path, size, mtime; for a tar member its shard's
+    stamp and its offset and size) and the preprocessing (`repr(transform)` and its image spec)."""
+    from .data_sources import TAR_PREFIX
+
+    digest = hashlib.sha256(repr((transform, getattr(transform, "spec", None))).encode())
+    for record in records:
+        if record.image.startswith(TAR_PREFIX):
+            shard = record.image[len(TAR_PREFIX):].split(".tar#", 1)[0] + ".tar"
+            stamp = _file_stamp(shard) + [record.offset, record.size]
+        else:
+            stamp = _file_stamp(record.image)
+        digest.update(json.dumps([record.image, stamp]).encode())
+    return digest.hexdigest()
+
+
 def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "pixel_values" not in item or "index" not in item:
@@ -65,9 +96,10 @@ def _notes(skipped) -> list:
 
 @torch.no_grad()
 def build_vision_cache(vision_model, dataset, path: str, batch_size: int, dtype: torch.dtype = torch.float16,
-                       records_per_shard: int = 1024, num_workers: int = 0) -> str:
+                       records_per_shard: int = 1024, num_workers: int = 0, data_key: str | None = None) -> str:
     """Run `vision_model` (on its own device, eval mode) over a map-style dataset of dicts with
     'pixel_values' (3, H, W) and 'index', in order; write the cache folder `path`. Returns path.
+    `data_key` (`data_fingerprint` of the dataset's records) is stored for `VisionFeatureCache`.
 
     An index seen again (PairDataset serves the next readable record in place of an unreadable
     one, under that record's index) is the same record: it is cached once, and the repeats are
@@ -131,8 +163,9 @@ def build_vision_cache(vision_model, dataset, path: str, batch_size: int, dtype:
     if repeats or skipped:
         log.warning("vision cache %s: %d repeated record indices cached once; %d unreadable records skipped "
                     "by the dataset%s", path, repeats, len(skipped), f" (first: {skipped[0]})" if skipped else "")
-    manifest = {"format": FORMAT, "fingerprint": fingerprint, "image_size": image_size, "dtype": str(dtype),
-                "records": len(seen), "repeated_indices": repeats, "skipped": skipped, "shards": shards}
+    manifest = {"format": FORMAT, "fingerprint": fingerprint, "data": data_key, "image_size": image_size,
+                "dtype": str(dtype), "records": len(seen), "repeated_indices": repeats, "skipped": skipped,
+                "shards": shards}
     write_file(os.path.join(path, MANIFEST), lambda tmp: _write_json(tmp, manifest))
     # shards of an older, larger build are no longer listed: remove them
     listed = {s["file"] for s in shards}
@@ -150,11 +183,12 @@ def _write_json(path: str, obj) -> None:
 
 class VisionFeatureCache:
     """Read side: `cache[record_index]` -> (S, E) image tokens in the cache dtype; `batch(indices)`
-    -> (B, S, E). With `vision_model`, its fingerprint must match the cache's. Shards are read
-    lazily through safetensors slices (one row at a time, memory-mapped); picklable for
-    DataLoader workers (open handles are not carried)."""
+    -> (B, S, E). With `vision_model`, its fingerprint must match the cache's; with `data_key`,
+    the data it was built from must be that. Shards are read lazily through safetensors slices
+    (one row at a time, memory-mapped); picklable for DataLoader workers (open handles are not
+    carried)."""
 
-    def __init__(self, path: str, vision_model=None):
+    def __init__(self, path: str, vision_model=None, data_key: str | None = None):
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.exists(manifest_path):
             raise FeatureCacheError(f"{path}: no {MANIFEST}: not a vision cache, or its build did not finish "
@@ -176,6 +210,10 @@ class VisionFeatureCache:
                 raise FeatureCacheError(f"{path} was built by other vision weights (fingerprint "
                                         f"{self.fingerprint[:12]}..., this vision model {mine[:12]}...): "
                                         f"rebuild the cache for this model")
+        if data_key is not None and manifest.get("data") != data_key:
+            raise FeatureCacheError(f"{path} was built from other data (data key {str(manifest.get('data'))[:12]}..., "
+                                    f"this run's {data_key[:12]}...: other records, images changed since, or "
+                                    f"another image size): rebuild the cache for this data")
         self._files = [os.path.join(path, s["file"]) for s in manifest["shards"]]
         self._where: dict[int, tuple[int, int]] = {}
         from safetensors import safe_open
@@ -229,4 +267,4 @@ class VisionFeatureCache:
         return state
 
 
-__all__ = ["build_vision_cache", "VisionFeatureCache", "FeatureCacheError", "vision_fingerprint"]
+__all__ = ["build_vision_cache", "VisionFeatureCache", "FeatureCacheError", "vision_fingerprint", "data_fingerprint"]

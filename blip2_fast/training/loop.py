@@ -16,6 +16,11 @@ numbers exactly as the uninterrupted one did.
 Distributed: launched by torchrun (WORLD_SIZE set) or inside an initialised process group, the
 model is wrapped in DDP (NCCL on GPUs, gloo on CPUs); each rank reads its shard of every global
 batch. `distributed: fsdp` shards the trainable part with FSDP instead.
+
+The output folder: rank 0 holds a lock on <out>/.lock for the whole run (a second run there is
+refused), removes what killed saves left in <out>/checkpoints, and on resume cuts metrics.jsonl
+back to the resumed step. SIGINT / SIGTERM end the run after the current step, with a checkpoint
+(`run_guard.StopSignals`; every rank agrees on the step to stop at).
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (FORMAT, check_training_signature, load_checkpoint, training_signature, rng_state, save_atomic,
-                         set_rng_state)
+from .checkpoint import FORMAT, check_training_signature, rng_state, save_checkpoint, set_rng_state, training_signature
+from .data_sources import DataError
 from .metrics import MetricsLogger, peak_memory_mb
 from .optim import WarmupCosine, build_optimizer
+from .resume import check_data_size, checkpoint_folder, cut_metrics, remove_orphans, resume_point
+from .run_guard import OutputLock, StopSignals
 from .train_config import TrainConfig
 
 log = logging.getLogger("blip2_fast.train")
@@ -89,6 +96,10 @@ def _build_data(cfg: TrainConfig, task, run: Run):
     records, skips = read_records(cfg.data, task=kind)
     if skips.total:
         skips.log(log)
+    if len(records) < cfg.batch_size * run.world:
+        per = f" on each of {run.world} processes" if run.world > 1 else ""
+        raise DataError(f"--batch-size {cfg.batch_size}{per} is larger than the data set ({len(records)} usable "
+                        f"records): lower --batch-size or add data")
     spec = ImageSpec.from_folder(task.folder, task.image_size)
     size = cfg.image_size or task.image_size
     transform = ImageTransform(size, train=cfg.augment, hflip=cfg.hflip, mean=spec.image_mean, std=spec.image_std)
@@ -138,14 +149,28 @@ def _grads_finite(params, sharded: bool = False) -> bool:
     return bool(ok)  # the one host sync per step
 
 
-def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
+def train(cfg: TrainConfig, stop_after_step: int | None = None, on_start=None) -> dict:
     """Run (or resume) training as `cfg` says; returns a summary. `stop_after_step` ends the run
-    early after that step's checkpoint (what a preempted job looks like, for tests)."""
+    early after that step's checkpoint (what a preempted job looks like, for tests). `on_start`
+    is called on rank 0 with a dict describing the run (model, data, steps, batch, precision,
+    output folder, resume point) before the first step."""
+    run = Run(cfg)
+    lock = OutputLock(cfg.out).acquire() if run.main else None
+    try:
+        return _train(cfg, run, stop_after_step, on_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, run: Run, stop_after_step: int | None, on_start) -> dict:
     from tqdm import tqdm
 
     from .tasks import build_task
 
-    run = Run(cfg)
+    ckpt_dir = checkpoint_folder(cfg.out)
+    if run.main and os.path.isdir(ckpt_dir):
+        remove_orphans(ckpt_dir)  # safe now: the lock says no other run is writing here
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -156,18 +181,19 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     generators = {"negatives": torch.Generator(run.device).manual_seed(cfg.seed * 1000 + run.rank),
                   **getattr(task, "generators", {})}
+    signature = training_signature({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
+    # read and checked before the feature cache is built: a refused resume fails in seconds
+    resume, state = resume_point(cfg)
+    if state is not None:
+        check_training_signature(state["fingerprint"], signature, resume)
+        check_data_size(state, len(dataset), resume)
     if hasattr(task, "prepare"):
         task.prepare(dataset, run)
     torch.manual_seed(cfg.seed + run.rank)  # dropout differs per rank from here on
-    signature = training_signature({"stage": cfg.stage, **task.config.to_hf_dict()}, task.trainable_state_dict())
     counters = {"skipped_steps": 0, "skipped_records": skipped_records, "truncated_texts": 0}
 
-    start, state = 0, None
-    ckpt_dir = os.path.join(cfg.out, "checkpoints")
-    resume = os.path.join(ckpt_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-    if resume and (cfg.resume != "auto" or os.path.exists(resume)):
-        state = load_checkpoint(resume)
-        check_training_signature(state["fingerprint"], signature, resume)
+    start = 0
+    if state is not None:
         task.load_trainable_state_dict(state["trainable"])  # before wrapping: plain tensors
 
     model = _wrap(task.model, cfg, run)
@@ -191,8 +217,17 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
         set_rng_state(rngs[run.rank], generators)
         start, counters = state["step"], state["counters"]
         if run.main:
-            log.info("resumed from %s at step %d", resume, start)
+            log.info("resuming from %s: continuing after step %d of %d", resume, start, cfg.steps)
+            cut_metrics(cfg.out, start)
 
+    samples_per_step = cfg.batch_size * cfg.grad_accum * run.world
+    if run.main and on_start is not None:
+        on_start({"stage": cfg.stage, "model": task.folder, "data": list(cfg.data), "records": len(dataset),
+                  "skipped_records": skipped_records, "steps": cfg.steps, "start": start,
+                  "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world": run.world,
+                  "global_batch": samples_per_step, "precision": cfg.precision, "device": str(run.device),
+                  "lr": cfg.lr, "out": cfg.out, "save_every": cfg.save_every, "resume": resume,
+                  "cache_features": cfg.cache_features})
     model.train()
     metrics = MetricsLogger(cfg.out, run.main, cfg.tensorboard, append=start > 0)
     batches = Batches(dataset, sampler, loader)
@@ -200,73 +235,82 @@ def train(cfg: TrainConfig, stop_after_step: int | None = None) -> dict:
                disable=not (cfg.progress and run.main), dynamic_ncols=True)
     sums = {}
     window_start, window_steps, last = time.perf_counter(), 0, {}
-    samples_per_step = cfg.batch_size * cfg.grad_accum * run.world
+    done, stopped, exit_code = start, None, 0
 
-    for step in range(start, cfg.steps):
-        lr = schedule.apply(optimizer, step)
-        for micro in range(cfg.grad_accum):
-            batch = batches.next()
-            kwargs, truncated = task.inputs(batch, generators["negatives"])
-            counters["truncated_texts"] += truncated
-            counters["skipped_records"] += int(batch.get("skipped", 0))
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with _autocast(cfg, run.device):
-                    out = model(**_to_device(kwargs, run.device))
-                scaler.scale(out["loss"] / cfg.grad_accum).backward()
-            for k in LOSS_KEYS:
-                if k in out:
-                    sums[k] = sums.get(k, 0) + out[k].detach().float() / cfg.grad_accum
-        scaler.unscale_(optimizer)
-        finite = _grads_finite(params, sharded)
-        if finite and cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if cfg.precision == "fp16":
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skips the step itself when gradients overflowed
-            scaler.update()
-        elif finite:
-            optimizer.step()
-        if not finite:
-            counters["skipped_steps"] += 1
-            log.warning("step %d skipped: non-finite gradients%s", step + 1,
-                        f" (fp16 loss scale {scale:g} lowered)" if cfg.precision == "fp16" else "")
-        optimizer.zero_grad(set_to_none=True)
-        window_steps += 1
-        done = step + 1
-        bar.update(1)
+    with StopSignals() as signals:
+        for step in range(start, cfg.steps):
+            lr = schedule.apply(optimizer, step)
+            for micro in range(cfg.grad_accum):
+                batch = batches.next()
+                kwargs, truncated = task.inputs(batch, generators["negatives"])
+                counters["truncated_texts"] += truncated
+                counters["skipped_records"] += int(batch.get("skipped", 0))
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with _autocast(cfg, run.device):
+                        out = model(**_to_device(kwargs, run.device))
+                    scaler.scale(out["loss"] / cfg.grad_accum).backward()
+                for k in LOSS_KEYS:
+                    if k in out:
+                        sums[k] = sums.get(k, 0) + out[k].detach().float() / cfg.grad_accum
+            scaler.unscale_(optimizer)
+            finite = _grads_finite(params, sharded)
+            if finite and cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.precision == "fp16":
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skips the step itself when gradients overflowed
+                scaler.update()
+            elif finite:
+                optimizer.step()
+            if not finite:
+                counters["skipped_steps"] += 1
+                log.warning("step %d skipped: non-finite gradients%s", step + 1,
+                            f" (fp16 loss scale {scale:g} lowered)" if cfg.precision == "fp16" else "")
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+            done = step + 1
+            bar.update(1)
 
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            if run.distributed:  # report the mean over ranks, not rank 0's share
-                for v in sums.values():
-                    dist.all_reduce(v)
-                sums = {k: v / run.world for k, v in sums.items()}
-            values = {k: v.item() / window_steps for k, v in sums.items()}  # log-time sync only
-            last = {"step": done, "lr": lr, **values,
-                    "samples_per_s": samples_per_step * window_steps / max(elapsed, 1e-9),
-                    "peak_mem_mb": peak_memory_mb(run.device), **counters}
-            metrics.write(last)
-            bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{lr:.2e}",
-                            sps=f"{last['samples_per_s']:.1f}", mem=f"{last['peak_mem_mb']:.0f}MB")
-            sums, window_start, window_steps = {}, time.perf_counter(), 0
-        stopping = stop_after_step is not None and done >= stop_after_step
-        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
-            _save(cfg, run, task, model, optimizer, scaler, sampler, generators, done, counters, signature)
-        if stopping:
-            break
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                if run.distributed:  # report the mean over ranks, not rank 0's share
+                    for v in sums.values():
+                        dist.all_reduce(v)
+                    sums = {k: v / run.world for k, v in sums.items()}
+                values = {k: v.item() / window_steps for k, v in sums.items()}  # log-time sync only
+                last = {"step": done, "lr": lr, **values,
+                        "samples_per_s": samples_per_step * window_steps / max(elapsed, 1e-9),
+                        "peak_mem_mb": peak_memory_mb(run.device), **counters}
+                metrics.write(last)
+                bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{lr:.2e}",
+                                sps=f"{last['samples_per_s']:.1f}", mem=f"{last['peak_mem_mb']:.0f}MB")
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+            signalled = signals.requested(run.distributed, run.device) and done < cfg.steps
+            stopping = signalled or (stop_after_step is not None and done >= stop_after_step)
+            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                _save(cfg, run, task, model, optimizer, scaler, sampler, generators, done, counters, signature,
+                      len(dataset))
+            if signalled:
+                stopped = signals.name or "a signal on another rank"
+                exit_code = signals.exit_code or 128 + 15
+            if stopping:
+                break
 
     bar.close()
     metrics.close()
     exported = None
-    if cfg.export and (stop_after_step is None or stop_after_step >= cfg.steps):
+    complete = stopped is None and (stop_after_step is None or stop_after_step >= cfg.steps)
+    if cfg.export and complete:
         trainable, _ = _trained_state(cfg, run, task, model, None)
         if run.main:
             from .export import export_folder
             exported = export_folder(task.folder, trainable, os.path.join(cfg.out, "model"), task.export_config())
     if run.distributed:
         dist.barrier()
-    return {"last": last, "counters": counters, "exported": exported, "task": task}
+    return {"last": last, "counters": counters, "exported": exported, "task": task, "step": done,
+            "stopped": stopped, "exit_code": exit_code if stopped else 0,
+            "checkpoint": os.path.join(ckpt_dir, "last.pt") if stopped else None}
 
 
 def _trained_state(cfg, run, task, model, optimizer) -> tuple[dict, dict | None]:
@@ -278,7 +322,8 @@ def _trained_state(cfg, run, task, model, optimizer) -> tuple[dict, dict | None]
         optimizer.state_dict() if optimizer is not None else None
 
 
-def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, counters, signature) -> None:
+def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, counters, signature,
+          data_size: int) -> None:
     rng = rng_state(generators)
     rngs = [None] * run.world if run.distributed else [rng]
     if run.distributed:
@@ -289,8 +334,8 @@ def _save(cfg, run, task, model, optimizer, scaler, sampler, generators, step, c
     state = {"format": FORMAT, "fingerprint": signature, "step": step, "config": cfg.to_dict(),
              "trainable": trainable,
              "optimizer": optim_state, "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
-             "rng": rngs, "counters": dict(counters)}
-    save_atomic(state, os.path.join(cfg.out, "checkpoints", "last.pt"))
+             "rng": rngs, "counters": dict(counters), "data_size": data_size}
+    save_checkpoint(state, checkpoint_folder(cfg.out))
 
 
 __all__ = ["train", "Run"]

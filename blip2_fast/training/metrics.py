@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from ..atomic import raise_if_disk_full
+
 log = logging.getLogger("blip2_fast.train")
 
 
@@ -42,8 +44,12 @@ class MetricsLogger:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise_if_disk_full(err, self.path)
+            raise
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -64,19 +64,20 @@ class Stage2Task:
         """Build (rank 0) or open the frozen-ViT feature cache when asked."""
         if not self.cfg.cache_features:
             return
-        from .feature_cache import VisionFeatureCache, build_vision_cache
+        from .feature_cache import VisionFeatureCache, build_vision_cache, data_fingerprint
 
         path = os.path.join(self.cfg.out, "vision_cache")
         vision = self.model.model.vision_model
+        data_key = data_fingerprint(dataset.records, dataset.transform)
         if run.main:
             try:
-                VisionFeatureCache(path, vision)
-            except ValueError as err:  # absent, incomplete or from other weights: (re)build it
+                VisionFeatureCache(path, vision, data_key)
+            except ValueError as err:  # absent, incomplete, from other weights or other data: (re)build it
                 log.info("building the vision feature cache in %s (%s)", path, err)
-                build_vision_cache(vision, dataset, path, batch_size=self.cfg.batch_size)
+                build_vision_cache(vision, dataset, path, batch_size=self.cfg.batch_size, data_key=data_key)
         if run.distributed:
             dist.barrier()
-        self.cache = VisionFeatureCache(path, vision)
+        self.cache = VisionFeatureCache(path, vision, data_key)
 
     def trainable_parameters(self):
         return self.model.trainable_parameters()

@@ -127,7 +127,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{where}: {message}")
+        self._check_device(where)
         self.betas = tuple(self.betas)
+
+    def _check_device(self, where: str) -> None:
+        """A device torch cannot parse, or CUDA where there is none, fails here, not inside the run."""
+        if self.device is None:
+            return
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"{where}: device {self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"{where}: device {self.device!r}: training runs on cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{where}: device {self.device!r}: CUDA is not available on this machine")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
