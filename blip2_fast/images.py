@@ -127,36 +127,34 @@ def check_image(path: str) -> None:
         raise ImageError(f"{path}: cannot read the image ({err})") from None
 
 
-def check_images(paths: list[str], strict: bool = True) -> tuple[list[str], list[ImageError]]:
-    """Header-check each file: (the readable paths, an `ImageError` for each other one).
-    strict: raise the first error instead, as `check_image` does."""
-    good, bad = [], []
+def _each(paths: list[str], read, strict: bool) -> tuple[list[str], list, list[ImageError]]:
+    """`read(path)` for each path: (the paths it succeeded on, its results, an `ImageError` for each
+    other one); strict raises the first error instead."""
+    good, results, bad = [], [], []
     for path in paths:
         try:
-            check_image(path)
+            result = read(path)
         except ImageError as err:
             if strict:
                 raise
             bad.append(err)
         else:
             good.append(path)
+            results.append(result)
+    return good, results, bad
+
+
+def check_images(paths: list[str], strict: bool = True) -> tuple[list[str], list[ImageError]]:
+    """Header-check each file: (the readable paths, an `ImageError` for each other one).
+    strict: raise the first error instead, as `check_image` does."""
+    good, _, bad = _each(paths, check_image, strict)
     return good, bad
 
 
 def open_images(paths: list[str], strict: bool = True) -> tuple[list[str], list[Image.Image], list[ImageError]]:
     """Decode each file: (the decoded paths, their images, an `ImageError` for each other one).
     strict: raise the first error instead."""
-    good, images, bad = [], [], []
-    for path in paths:
-        try:
-            images.append(open_image(path))
-        except ImageError as err:
-            if strict:
-                raise
-            bad.append(err)
-        else:
-            good.append(path)
-    return good, images, bad
+    return _each(paths, open_image, strict)
 
 
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
